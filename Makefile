@@ -1,0 +1,31 @@
+# One command sets everything up and runs: `make test` or `make demo`.
+# Override TORCH_SPEC for another build, e.g. `make test TORCH_SPEC="torch==2.13.0 --index-url ..."`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= outputs/demo
+
+.PHONY: install test demo clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+
+# Torch goes in first, so the dependency resolver finds it satisfied and never fetches a CUDA build.
+$(STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py --output_dir $(DEMO_DIR)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
