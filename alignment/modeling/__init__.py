@@ -1,0 +1,36 @@
+"""Our GPT-2 and its attention kernel. `attention.py`, `configuration_gpt2.py` and `modeling_gpt2.py` are
+self-contained (torch and transformers only) because they travel with saved checkpoints."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .attention import attention, build_visibility_mask, reference_attention, sdpa_attention
+from .configuration_gpt2 import GPT2_SIZES, AlignmentGPT2Config
+from .hf_attention import ATTN_IMPLEMENTATION, register_with_transformers
+from .modeling_gpt2 import AlignmentGPT2ForCausalLM, AlignmentGPT2Model, AlignmentGPT2PreTrainedModel
+
+
+def register_auto_classes() -> None:
+    """Make `AutoConfig`/`AutoModel`/`AutoModelForCausalLM` know our model type, and make saved folders carry the
+    code and an `auto_map` so that `trust_remote_code=True` loads them anywhere."""
+    AutoConfig.register(AlignmentGPT2Config.model_type, AlignmentGPT2Config, exist_ok=True)
+    AutoModel.register(AlignmentGPT2Config, AlignmentGPT2Model, exist_ok=True)
+    AutoModelForCausalLM.register(AlignmentGPT2Config, AlignmentGPT2ForCausalLM, exist_ok=True)
+    AlignmentGPT2Config.register_for_auto_class()
+    AlignmentGPT2Model.register_for_auto_class("AutoModel")
+    AlignmentGPT2ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "AlignmentGPT2Config",
+    "AlignmentGPT2ForCausalLM",
+    "AlignmentGPT2Model",
+    "AlignmentGPT2PreTrainedModel",
+    "GPT2_SIZES",
+    "attention",
+    "build_visibility_mask",
+    "reference_attention",
+    "register_auto_classes",
+    "register_with_transformers",
+    "sdpa_attention",
+]

@@ -1,0 +1,184 @@
+"""Multi-head scaled dot-product attention with causal, padding, packed-segment and arbitrary masks.
+
+    O = softmax(Q Kᵀ / √d + M) · V        (per head; M = 0 where visible, a very large negative value where not)
+
+Inputs are shaped (batch, heads, time, head_dim). Queries may be fewer than keys (decoding with a KV cache): they are
+then the *last* T of the S key positions, which is what the causal mask assumes.
+
+Two paths sit behind :func:`attention`:
+
+* ``"reference"`` follows the formula literally (scores, additive mask, softmax, dropout, weighted sum). It is the
+  specification the fast path is tested against, and it is what ``attn_implementation="eager"`` runs.
+* ``"sdpa"`` is PyTorch's fused ``scaled_dot_product_attention``: its causal kernel when the mask is purely causal,
+  a boolean mask otherwise.
+
+``"auto"`` picks ``"sdpa"``. A query row that sees no key at all (a left-padding query, say) returns zeros on both
+paths rather than the average of V or NaN.
+
+This file only needs torch: it travels with saved checkpoints so that ``trust_remote_code`` loading works where the
+``alignment`` package is not installed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def build_visibility_mask(
+    query_length: int,
+    key_length: int,
+    *,
+    causal: bool = True,
+    attention_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor | None:
+    """Combine every mask into one boolean tensor, True where a query may look at a key.
+
+    Args:
+        query_length, key_length: T and S. Queries are the last T of the S positions.
+        causal: each query sees keys at or before its own position.
+        attention_mask: (B, S) with 1 for a token and 0 for padding; padding keys are hidden.
+        segment_ids: (B, S) document ids of a packed row; a query only sees keys of its own document.
+        mask: any boolean mask broadcastable to (B, heads, T, S), True = visible; ANDed with the rest.
+
+    Returns:
+        A boolean tensor broadcastable to (B, heads, T, S), or None when every key is visible to every query.
+    """
+    visible = None
+    offset = key_length - query_length
+    if causal and not (query_length == 1 and offset >= 0):
+        q_pos = torch.arange(query_length, device=device) + offset
+        k_pos = torch.arange(key_length, device=device)
+        visible = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        keys = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, S)
+        visible = keys if visible is None else visible & keys
+    if segment_ids is not None:
+        segment_ids = segment_ids.to(device)
+        same = segment_ids[:, None, -query_length:, None] == segment_ids[:, None, None, :]  # (B, 1, T, S)
+        visible = same if visible is None else visible & same
+    if mask is not None:
+        mask = mask.to(device=device, dtype=torch.bool)
+        visible = mask if visible is None else visible & mask
+    return visible
+
+
+def reference_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    visible: torch.Tensor | None = None,
+    *,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The formula, step by step. Scores and softmax are computed in float32 at least."""
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    compute_dtype = torch.promote_types(query.dtype, torch.float32)
+    scores = (query.to(compute_dtype) @ key.to(compute_dtype).transpose(-2, -1)) * scale
+    if visible is not None:
+        very_negative = torch.finfo(compute_dtype).min
+        scores = scores + torch.zeros_like(scores).masked_fill(~visible, very_negative)  # + M
+    probs = torch.softmax(scores, dim=-1)
+    if visible is not None:
+        # A row that sees nothing would otherwise spread uniformly over hidden keys.
+        probs = probs.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
+    probs = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
+    return (probs @ value.to(compute_dtype)).to(value.dtype)
+
+
+def sdpa_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    visible: torch.Tensor | None = None,
+    *,
+    causal_only: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """PyTorch's fused kernel. `causal_only` means `visible` is exactly the square causal mask."""
+    if causal_only:
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, scale=scale, is_causal=True)
+    if visible is None:
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, scale=scale)
+    sees_something = visible.any(dim=-1, keepdim=True)
+    # Rows without any visible key would make the fused softmax produce NaN (and NaN gradients); let them see
+    # everything and zero their output afterwards, which also zeroes their gradients.
+    safe_visible = visible | ~sees_something
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=safe_visible, dropout_p=dropout_p, scale=scale)
+    return out.masked_fill(~sees_something, 0.0)
+
+
+IMPLEMENTATIONS = ("auto", "sdpa", "reference")
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    visible: torch.Tensor | None,
+    *,
+    causal_only: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """Attention under a prebuilt mask (see :func:`build_visibility_mask`), so a model builds it once per forward.
+
+    `causal_only` says that `visible` is exactly the square causal mask, which lets the fused causal kernel run.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
+    if implementation == "reference":
+        return reference_attention(query, key, value, visible, dropout_p=dropout_p, scale=scale)
+    return sdpa_attention(query, key, value, visible, causal_only=causal_only, dropout_p=dropout_p, scale=scale)
+
+
+def is_causal_only(
+    query_length: int,
+    key_length: int,
+    *,
+    causal: bool,
+    attention_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> bool:
+    """True when the masks reduce to the plain square causal mask."""
+    no_other_mask = attention_mask is None and segment_ids is None and mask is None
+    return causal and query_length == key_length and no_other_mask
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    causal: bool = True,
+    attention_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """Masked multi-head attention; returns (B, heads, T, head_dim). See the module docstring for the masks."""
+    masks = {"attention_mask": attention_mask, "segment_ids": segment_ids, "mask": mask}
+    query_length, key_length = query.size(-2), key.size(-2)
+    visible = build_visibility_mask(query_length, key_length, causal=causal, device=query.device, **masks)
+    causal_only = is_causal_only(query_length, key_length, causal=causal, **masks)
+    return attend(
+        query,
+        key,
+        value,
+        visible,
+        causal_only=causal_only,
+        dropout_p=dropout_p,
+        scale=scale,
+        implementation=implementation,
+    )
