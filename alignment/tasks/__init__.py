@@ -1,0 +1,1 @@
+"""Small synthetic tasks whose answers can be checked exactly, for offline demos and tests."""
