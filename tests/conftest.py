@@ -31,3 +31,42 @@ def gpt2_checkpoint(tmp_path, hf_gpt2):
     folder = tmp_path / "hf-gpt2"
     hf_gpt2.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """The real GPT-2 tokenizer, built offline from the BPE ranks (cached after the first run)."""
+    from alignment.tokenizer import load_tokenizer
+
+    return load_tokenizer("gpt2")
+
+
+def tiny_causal_lms():
+    """Three small causal LMs over GPT-2's vocabulary: ours, transformers' GPT-2 and a transformers Llama."""
+    from alignment import AlignmentGPT2Config, AlignmentGPT2ForCausalLM
+
+    vocab = 50257
+    return {
+        "ours": lambda: AlignmentGPT2ForCausalLM(
+            AlignmentGPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=4)
+        ),
+        "transformers-gpt2": lambda: transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=4,
+                                    embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+        ),
+        "transformers-llama": lambda: transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     bos_token_id=50256, eos_token_id=50256)
+        ),
+    }
+
+
+def preference_rows(n=12):
+    """Tiny preference data in TRL's format, replies of different lengths."""
+    rows = []
+    for i in range(n):
+        a, b = i % 7, (3 * i) % 5
+        prompt = f"\n\nHuman: What is {a} + {b}? Please answer briefly.\n\nAssistant:"
+        rows.append({"prompt": prompt, "chosen": f" {a + b}", "rejected": f" It is {a + b + 1}, I think."})
+    return rows

@@ -1,0 +1,57 @@
+"""The chunked log-prob head against the plain log_softmax-and-gather computation: values and gradients."""
+
+import pytest
+import torch
+
+from alignment.logprobs import IGNORE_INDEX, add_logprob_head, logprobs_of_targets, token_logps_from_hidden
+from alignment import AlignmentGPT2Config, AlignmentGPT2ForCausalLM
+
+
+def naive(hidden, weight, targets, bias=None):
+    logits = hidden @ weight.t() + (0 if bias is None else bias)
+    return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("chunk_rows", [3, 1024])
+def test_values_and_gradients_match_the_naive_computation(with_bias, chunk_rows):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(13, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, 13, (10,), generator=g)
+    ours = logprobs_of_targets(hidden, weight, targets, bias, chunk_rows)
+    torch.testing.assert_close(ours, naive(hidden, weight, targets, bias), atol=1e-12, rtol=0)
+    inputs = (hidden, weight) + ((bias,) if with_bias else ())
+    assert torch.autograd.gradcheck(
+        lambda h, w, *b: logprobs_of_targets(h, w, targets, b[0] if b else None, chunk_rows), inputs
+    )
+
+
+def test_only_labelled_positions_are_scored_and_nothing_scored_still_backpropagates():
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 11, bias=False)
+    labels = torch.tensor([[IGNORE_INDEX, 3, 4, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX] * 4 + [7]])
+    logps = token_logps_from_hidden(hidden, labels, head)
+    full = torch.log_softmax(head(hidden[:, :-1]), -1)
+    assert logps.shape == (2, 4)
+    torch.testing.assert_close(logps[0, 0], full[0, 0, 3])
+    torch.testing.assert_close(logps[1, 3], full[1, 3, 7])
+    assert logps[0, 2:].abs().sum() == 0 and logps[1, :3].abs().sum() == 0
+    nothing = token_logps_from_hidden(hidden, torch.full_like(labels, IGNORE_INDEX), head)
+    nothing.sum().backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() == 0
+
+
+def test_patched_forward_returns_token_logps_and_keeps_the_original():
+    torch.manual_seed(0)
+    model = add_logprob_head(AlignmentGPT2ForCausalLM(AlignmentGPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)))
+    ids = torch.randint(0, 50, (2, 6))
+    labels = ids.clone()
+    labels[:, :3] = IGNORE_INDEX
+    logits = model(ids).logits
+    assert logits.shape == (2, 6, 50)
+    got = model(ids, labels=labels, token_logps=True)
+    expected = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * (labels[:, 1:] != -100)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert add_logprob_head(model) is model  # idempotent

@@ -1,0 +1,85 @@
+"""The preference losses against their formulas, written out by hand on a few numbers."""
+
+import math
+
+import pytest
+import torch
+
+from alignment.losses import ReplyLogps, chosen_nll, preference_loss
+
+POLICY = ReplyLogps(torch.tensor([-4.0, -9.0]), torch.tensor([-6.0, -5.0]), torch.tensor([2, 3]), torch.tensor([4, 1]))
+REFERENCE = ReplyLogps(torch.tensor([-5.0, -8.0]), torch.tensor([-5.5, -6.0]), torch.tensor([2, 3]), torch.tensor([4, 1]))
+BETA = 0.1
+
+
+def logsigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+def test_sigmoid_is_the_dpo_loss_and_rewards():
+    result = preference_loss(POLICY, REFERENCE, beta=BETA)
+    # pair 0: Δ = (-4 + 5) - (-6 + 5.5) = 1.5 ; pair 1: Δ = (-9 + 8) - (-5 + 6) = -2
+    expected = [-logsigmoid(BETA * 1.5), -logsigmoid(BETA * -2.0)]
+    torch.testing.assert_close(result.losses, torch.tensor(expected))
+    torch.testing.assert_close(result.chosen_rewards, torch.tensor([0.1, -0.1]))
+    torch.testing.assert_close(result.rejected_rewards, torch.tensor([-0.05, 0.1]))
+    torch.testing.assert_close(result.accuracy, torch.tensor([1.0, 0.0]))
+
+
+def test_loss_is_ln2_when_policy_equals_reference():
+    result = preference_loss(POLICY, POLICY, beta=BETA)
+    torch.testing.assert_close(result.loss, torch.tensor(math.log(2)))
+    assert result.accuracy.sum() == 0  # equal rewards are not a win
+
+
+def test_label_smoothing_is_conservative_dpo():
+    eps = 0.2
+    result = preference_loss(POLICY, REFERENCE, beta=BETA, label_smoothing=eps)
+    x = BETA * 1.5
+    torch.testing.assert_close(result.losses[0], torch.tensor(-(1 - eps) * logsigmoid(x) - eps * logsigmoid(-x)))
+
+
+def test_hinge_and_ipo():
+    hinge = preference_loss(POLICY, REFERENCE, beta=BETA, loss_type="hinge")
+    torch.testing.assert_close(hinge.losses, torch.tensor([1 - 0.15, 1 + 0.2]))
+    ipo = preference_loss(POLICY, REFERENCE, beta=BETA, loss_type="ipo")
+    # per-token averaged log-ratios: pair 0: 1/2 - (-0.5)/4 = 0.625 ; pair 1: -1/3 - 1/1
+    expected = [(0.625 - 1 / (2 * BETA)) ** 2, (-1 / 3 - 1 - 1 / (2 * BETA)) ** 2]
+    torch.testing.assert_close(ipo.losses, torch.tensor(expected))
+
+
+def test_length_normalised_sigmoid_and_simpo():
+    norm = preference_loss(POLICY, REFERENCE, beta=BETA, loss_type="sigmoid_norm")
+    torch.testing.assert_close(norm.losses[0], torch.tensor(-logsigmoid(BETA * 0.625)))
+    simpo = preference_loss(POLICY, None, beta=2.0, loss_type="simpo", simpo_gamma=0.5)
+    # averages: pair 0: -2 vs -1.5 ; pair 1: -3 vs -5
+    torch.testing.assert_close(simpo.losses, torch.tensor([-logsigmoid(2.0 * -0.5 - 0.5), -logsigmoid(2.0 * 2 - 0.5)]))
+    torch.testing.assert_close(simpo.chosen_rewards, torch.tensor([-4.0, -6.0]))
+
+
+def test_prompt_terms_cancel():
+    """Adding the same prompt log-prob to chosen and rejected (policy and reference alike) leaves the loss as is."""
+    prompt_policy, prompt_reference = torch.tensor([-30.0, -12.0]), torch.tensor([-28.0, -13.0])
+
+    def with_prompt(logps, prompt):
+        return ReplyLogps(logps.chosen + prompt, logps.rejected + prompt, logps.chosen_length, logps.rejected_length)
+
+    for loss_type in ("sigmoid", "hinge"):
+        reply_only = preference_loss(POLICY, REFERENCE, beta=BETA, loss_type=loss_type)
+        whole = preference_loss(
+            with_prompt(POLICY, prompt_policy), with_prompt(REFERENCE, prompt_reference), beta=BETA, loss_type=loss_type
+        )
+        torch.testing.assert_close(whole.losses, reply_only.losses, atol=1e-5, rtol=0)
+
+
+def test_reference_losses_need_a_reference_and_types_are_checked():
+    with pytest.raises(ValueError, match="needs reference"):
+        preference_loss(POLICY, None, beta=BETA, loss_type="sigmoid")
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        preference_loss(POLICY, REFERENCE, beta=BETA, loss_type="kto")
+
+
+def test_chosen_nll_is_the_token_mean():
+    token_logps = torch.tensor([[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    torch.testing.assert_close(chosen_nll(token_logps, mask), torch.tensor(2.0))
