@@ -77,7 +77,7 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Shape of the data; detected from the columns when unset.",
-            "choices": ["hh", "rm-static", "stack-exchange", "preference", "prompt-completion", "text", None],
+            "choices": ["hh", "rm-static", "stack-exchange", "preference", "prompt-completion", "text"],
         },
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split of `dataset_name` to train on."})
@@ -93,10 +93,8 @@ class DataArguments:
         default=0.05, metadata={"help": "Held-out share (< 1) or row count (>= 1) when a source has no test split."}
     )
     max_prompt_length: int | None = field(
-        default=None, metadata={"help": "Drop pairs whose prompt is longer than this many tokens."}
-    )
-    completion_only_loss: bool = field(
-        default=False, metadata={"help": "SFT: train on the replies only (prompt/completion data)."}
+        default=None,
+        metadata={"help": "Drop pairs whose prompt is longer than this many tokens (default: max_length - 1)."},
     )
 
     def __post_init__(self) -> None:

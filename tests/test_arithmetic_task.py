@@ -53,8 +53,9 @@ def test_prompt_format_is_hh_and_splits_back():
 
 def test_every_row_splits_into_prompt_and_reply(task):
     for row in task["sft_train"] + task["sft_test"]:
-        prompt, reply = split_hh_dialogue(row["text"])
-        assert prompt + reply == row["text"] and reply.startswith(" ") and answer(prompt) is not None
+        prompt, reply = split_hh_dialogue(row["prompt"] + row["completion"])
+        assert (prompt, reply) == (row["prompt"], row["completion"]) and reply.startswith(" ")
+        assert answer(prompt) is not None
     for row in task["dpo_train"] + task["dpo_test"]:
         for reply in (row["chosen"], row["rejected"]):
             assert split_hh_dialogue(row["prompt"] + reply) == (row["prompt"], reply)
@@ -78,12 +79,12 @@ def test_split_rejects_fractions_that_empty_a_side(fraction):
 def test_held_out_problems_never_reach_training(task):
     held_out = {row["prompt"] for row in task["prompts_test"]}
     assert held_out == {problem.prompt for problem in split_problems(0.2, seed=0)[1]}
-    sft_train = {split_hh_dialogue(row["text"])[0] for row in task["sft_train"]}
+    sft_train = {row["prompt"] for row in task["sft_train"]}
     dpo_train = {row["prompt"] for row in task["dpo_train"]}
     assert not held_out & sft_train and not held_out & dpo_train
     # Every train problem is used, and the test splits hold exactly the held-out problems.
     assert sft_train == dpo_train and len(sft_train) == 240
-    assert {split_hh_dialogue(row["text"])[0] for row in task["sft_test"]} == held_out
+    assert {row["prompt"] for row in task["sft_test"]} == held_out
     assert {row["prompt"] for row in task["dpo_test"]} == held_out
 
 
@@ -93,7 +94,7 @@ def test_answers_are_right_and_wrong_where_they_should_be(task):
         assert not is_correct(row["prompt"], row["rejected"])
     for row in task["prompts_test"]:
         assert row["answer"] == answer(row["prompt"])
-    assert all(is_correct(*split_hh_dialogue(row["text"])) for row in task["sft_test"])
+    assert all(is_correct(row["prompt"], row["completion"]) for row in task["sft_test"])
 
 
 def test_answer_parses_every_problem():
@@ -143,9 +144,9 @@ def test_accuracy():
     [(4000, 0.3, 1200), (200, 0.25, 50), (7, 0.5, 4), (50, 0.0, 0), (50, 1.0, 50)],
 )
 def test_wrong_fraction_is_exact(n_sft, wrong_fraction, wrong):
-    rows = sft_dataset(n_sft=n_sft, wrong_fraction=wrong_fraction)["train"]["text"]
+    rows = sft_dataset(n_sft=n_sft, wrong_fraction=wrong_fraction)["train"]
     assert len(rows) == n_sft
-    assert sum(not is_correct(*split_hh_dialogue(text)) for text in rows) == wrong
+    assert sum(not is_correct(row["prompt"], row["completion"]) for row in rows) == wrong
 
 
 def test_rows_spread_evenly_over_train_problems():
@@ -166,8 +167,8 @@ def test_files_have_trl_columns_and_load(tmp_path):
     paths = write_task(tmp_path / "task", **SMALL)
     assert sorted(paths) == sorted(FILES) and all(path.name == f"{name}.jsonl" for name, path in paths.items())
     columns = {
-        "sft_train": ["text"],
-        "sft_test": ["text"],
+        "sft_train": ["prompt", "completion"],
+        "sft_test": ["prompt", "completion"],
         "dpo_train": ["prompt", "chosen", "rejected"],
         "dpo_test": ["prompt", "chosen", "rejected"],
         "prompts_test": ["prompt", "answer"],

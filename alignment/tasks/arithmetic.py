@@ -181,8 +181,8 @@ def _sft_rows(n_sft: int, wrong_fraction: float, held_out_fraction: float, seed:
     rows = []
     for index, problem in enumerate(drawn):
         value = wrong_answer(problem, rng) if index in wrong else None
-        rows.append({"text": problem.prompt + problem.reply(value)})
-    return {"train": rows, "test": [{"text": problem.prompt + problem.reply()} for problem in held_out]}
+        rows.append({"prompt": problem.prompt, "completion": problem.reply(value)})
+    return {"train": rows, "test": [{"prompt": problem.prompt, "completion": problem.reply()} for problem in held_out]}
 
 
 def _pairs(problems: Sequence[Problem], rng: random.Random) -> list[dict]:
@@ -216,8 +216,8 @@ def sft_dataset(
     held_out_fraction: float = HELD_OUT_FRACTION,
     seed: int = 0,
 ) -> DatasetDict:
-    """SFT ``train``/``test`` splits with a ``text`` column, the layout of
-    :func:`alignment.data.load_sft_dataset`. Train rows are noisy (``wrong_fraction`` of
+    """SFT ``train``/``test`` splits with ``prompt`` and ``completion`` columns (TRL's
+    prompt-completion layout, so SFT can score the replies only). Train rows are noisy (``wrong_fraction`` of
     them answer wrongly) so the SFT policy leaves something for DPO to fix."""
     rows = _sft_rows(n_sft, wrong_fraction, held_out_fraction, seed)
     return DatasetDict({split: Dataset.from_list(split_rows) for split, split_rows in rows.items()})
