@@ -6,6 +6,7 @@ A recipe is one flat YAML mapping; each key belongs to exactly one of these clas
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,10 +15,17 @@ import trl
 
 from .losses import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 
-def bf16_by_default(config: trl.SFTConfig | trl.DPOConfig) -> None:
-    """TRL turns bf16 on when unset, which fails on a machine without a bf16 GPU; there, default to fp32."""
+def fit_to_machine(config: trl.SFTConfig | trl.DPOConfig) -> None:
+    """Defaults that work on the machine at hand.
+
+    TRL turns bf16 on when unset, which fails without a bf16 GPU: there, default to fp32. And accelerate's multi-GPU
+    launcher, which is how several processes start on a machine without GPUs, does not pass `use_cpu` on to them:
+    without it they never join one process group and each trains alone, so set it here.
+    """
     if config.bf16 is None:
         config.bf16 = not config.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        config.use_cpu = True
 
 
 GPT2_LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # attention qkv, both output projections and the MLP input
@@ -133,7 +141,7 @@ class SFTConfig(trl.SFTConfig):
     )
 
     def __post_init__(self) -> None:
-        bf16_by_default(self)
+        fit_to_machine(self)
         super().__post_init__()
 
 
@@ -151,7 +159,7 @@ class DPOConfig(trl.DPOConfig):
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin γ."})
 
     def __post_init__(self) -> None:
-        bf16_by_default(self)
+        fit_to_machine(self)
         super().__post_init__()
         unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
         if unknown:

@@ -1,6 +1,6 @@
 """DPO data-parallel over two CPU processes, launched the way users launch it:
 
-    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/run_dpo.py RECIPE.yaml --use_cpu=true
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/run_dpo.py RECIPE.yaml
 
 A tiny random GPT-2 trains for a few steps on a preference file written here. The checkpoint is rank 0's alone, so
 the launched script is a small wrapper (written into tmp_path, the package needs no test-only code) that runs
@@ -120,7 +120,6 @@ def test_dpo_on_two_cpu_processes_keeps_the_ranks_in_step(tmp_path, gpt2_tokeniz
         "--main_process_port", str(free_port()),
         str(wrapper), str(recipe),
         f"--output_dir={output_dir}",
-        "--use_cpu=true",  # the multi-GPU launcher does not pass the config's use_cpu on (see cpu_2proc.yaml)
     ]  # fmt: skip
     env = {
         **os.environ,
