@@ -157,6 +157,13 @@ class DPOConfig(trl.DPOConfig):
         default=None, metadata={"help": "RPO: add this weight × the NLL of the chosen replies to the loss."}
     )
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin γ."})
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={
+            "help": "Run each pair as one packed sequence [prompt, chosen, rejected]: the prompt is computed once and "
+            "no padding between pairs. Same log-probs as separate rows; needs a model that takes 4D attention masks."
+        },
+    )
 
     def __post_init__(self) -> None:
         fit_to_machine(self)

@@ -7,8 +7,9 @@ only on the positions whose label is not -100, a chunk of rows at a time, and th
 chunk's softmax instead of storing it.
 
 `add_logprob_head(model)` patches `model.forward` so that `model(..., labels=labels, token_logps=True)` returns the
-(batch, length - 1) log-probs (0 where no label). Going through `model(...)` rather than calling submodules keeps
-DDP/FSDP/PEFT wrappers in the loop.
+(batch, length - 1) log-probs (0 where no label), and `model(..., score_positions=P, score_targets=Y,
+token_logps=True)` the log-probs of the N tokens Y predicted from the hidden states at the (row, column) pairs P.
+Going through `model(...)` rather than calling submodules keeps DDP/FSDP/PEFT wrappers in the loop.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def add_logprob_head(model: nn.Module) -> nn.Module:
     original_forward = model.forward
 
     @functools.wraps(type(model).forward)
-    def forward(*args, token_logps: bool = False, labels=None, **kwargs):
+    def forward(*args, token_logps: bool = False, labels=None, score_positions=None, score_targets=None, **kwargs):
         if not token_logps:
             if labels is not None:
                 kwargs["labels"] = labels
@@ -117,7 +118,11 @@ def add_logprob_head(model: nn.Module) -> nn.Module:
         for unused in ("logits_to_keep", "num_items_in_batch", "fused_lm_head"):
             kwargs.pop(unused, None)
         hidden_states = model.base_model(*args, **kwargs).last_hidden_state
-        return token_logps_from_hidden(hidden_states, labels, model.get_output_embeddings())
+        lm_head = model.get_output_embeddings()
+        if score_positions is None:
+            return token_logps_from_hidden(hidden_states, labels, lm_head)
+        sources = hidden_states[score_positions[:, 0], score_positions[:, 1]]
+        return logprobs_of_targets(sources, lm_head.weight, score_targets, getattr(lm_head, "bias", None))
 
     model.forward = forward
     model._has_logprob_head = True

@@ -1,4 +1,4 @@
-"""Our DPO trainer: parity with stock TRL, the reference it builds, variants, and any causal LM."""
+"""Our DPO trainer: parity with stock TRL, the shared-prefix layout, the reference it builds, variants, any LM."""
 
 import copy
 import math
@@ -25,14 +25,15 @@ def config(tmp_path, config_class=DPOConfig, **overrides):
     return config_class(**{**settings, **overrides})
 
 
-def first_batch(trainer):
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+def batch_of(trainer, n=4):
+    """The same n prepared examples, collated in this trainer's own layout."""
+    return trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(n)]))
 
 
-def trained_pair(seed=0):
+def trained_pair(seed=0, model_name="ours"):
     """A policy that differs from its reference, so the rewards are not all zero."""
     torch.manual_seed(seed)
-    reference = tiny_causal_lms()["ours"]()
+    reference = tiny_causal_lms()[model_name]()
     policy = copy.deepcopy(reference)
     with torch.no_grad():
         for p in policy.parameters():
@@ -40,32 +41,55 @@ def trained_pair(seed=0):
     return policy, reference
 
 
-def test_loss_and_metrics_equal_stock_trl(tmp_path, gpt2_tokenizer):
-    data = datasets.Dataset.from_list(preference_rows())
-    policy, reference = trained_pair()
-    ours = DPOTrainer(copy.deepcopy(policy), copy.deepcopy(reference), config(tmp_path), train_dataset=data,
-                      processing_class=gpt2_tokenizer)
+def data():
+    return datasets.Dataset.from_list(preference_rows())
+
+
+@pytest.mark.parametrize("prefix_sharing", [True, False], ids=["shared-prefix", "trl-layout"])
+@pytest.mark.parametrize("model_name", ["ours", "transformers-llama"])
+def test_loss_metrics_and_gradients_equal_stock_trl(tmp_path, gpt2_tokenizer, prefix_sharing, model_name):
+    policy, reference = trained_pair(model_name=model_name)
+    ours = DPOTrainer(copy.deepcopy(policy), copy.deepcopy(reference), config(tmp_path, prefix_sharing=prefix_sharing),
+                      train_dataset=data(), processing_class=gpt2_tokenizer)
     stock = trl.DPOTrainer(copy.deepcopy(policy), copy.deepcopy(reference), config(tmp_path, trl.DPOConfig),
-                           train_dataset=data, processing_class=gpt2_tokenizer)
-    batch = first_batch(ours)
-    assert torch.equal(batch["input_ids"], first_batch(stock)["input_ids"])
-    ours_loss = ours.compute_loss(ours.model, batch)
-    stock_loss = stock.compute_loss(stock.model, batch)
+                           train_dataset=data(), processing_class=gpt2_tokenizer)
+    ours_batch, stock_batch = batch_of(ours), batch_of(stock)
+    if prefix_sharing:  # each prompt once, no padding between pairs
+        assert ours_batch["input_ids"].numel() < stock_batch["attention_mask"].sum()
+    ours_loss = ours.compute_loss(ours.model, ours_batch)
+    stock_loss = stock.compute_loss(stock.model, stock_batch)
     assert abs(ours_loss.item() - stock_loss.item()) <= 1e-5
     assert abs(ours_loss.item() - math.log(2)) > 1e-3  # the policy really differs from the reference
-    for name in METRICS:
+    for name in METRICS + ["num_tokens"]:
         assert abs(ours._metrics["train"][name][-1] - stock._metrics["train"][name][-1]) <= 1e-5, name
     ours_loss.backward()
     stock_loss.backward()
     for (name, a), b in zip(ours.model.named_parameters(), stock.model.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_prefix_with_truncation_and_several_pairs_per_row(tmp_path, gpt2_tokenizer):
+    rows = preference_rows(6)
+    rows[0]["prompt"] = rows[0]["prompt"] * 4  # a long prompt: its pair fills a row, and its replies get cut
+    policy, reference = trained_pair()
+    kwargs = dict(train_dataset=datasets.Dataset.from_list(rows), processing_class=gpt2_tokenizer)
+    shared = DPOTrainer(copy.deepcopy(policy), copy.deepcopy(reference), config(tmp_path, max_length=80), **kwargs)
+    plain = DPOTrainer(copy.deepcopy(policy), copy.deepcopy(reference),
+                       config(tmp_path, max_length=80, prefix_sharing=False), **kwargs)
+    shared_batch, plain_batch = batch_of(shared, 6), batch_of(plain, 6)
+    assert shared_batch["input_ids"].size(0) < 6  # pairs packed several to a row
+    assert (plain_batch["attention_mask"].sum(-1) == 80).any()  # some replies really were truncated
+    with torch.no_grad():
+        a = shared.scored_tokens(shared.model, shared_batch).reply_logps()
+        b = plain.scored_tokens(plain.model, plain_batch).reply_logps()
+    for field in ("chosen", "rejected", "chosen_length", "rejected_length"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field), atol=1e-5, rtol=0)
 
 
 def test_step_zero_loss_is_ln2_with_a_frozen_copy_as_reference(tmp_path, gpt2_tokenizer):
     torch.manual_seed(0)
     model = tiny_causal_lms()["ours"]()  # built in memory: stock TRL could not reload it by name
-    trainer = DPOTrainer(model, args=config(tmp_path), train_dataset=datasets.Dataset.from_list(preference_rows()),
-                         processing_class=gpt2_tokenizer)
+    trainer = DPOTrainer(model, args=config(tmp_path), train_dataset=data(), processing_class=gpt2_tokenizer)
     assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
     assert not any(p.requires_grad for p in trainer.ref_model.parameters())
     before = copy.deepcopy(trainer.ref_model.state_dict())
@@ -78,28 +102,23 @@ def test_step_zero_loss_is_ln2_with_a_frozen_copy_as_reference(tmp_path, gpt2_to
 
 def test_prompt_terms_cancel_with_real_log_probs(tmp_path, gpt2_tokenizer):
     policy, reference = trained_pair()
-    trainer = DPOTrainer(policy, reference, config(tmp_path), train_dataset=datasets.Dataset.from_list(preference_rows()),
+    trainer = DPOTrainer(policy, reference, config(tmp_path, prefix_sharing=False), train_dataset=data(),
                          processing_class=gpt2_tokenizer)
-    batch = first_batch(trainer)
+    batch = batch_of(trainer)
+    whole = {**batch, "completion_mask": batch["attention_mask"]}  # score prompt and reply tokens
     with torch.no_grad():
-        logps = {name: trainer.token_logps(model, {**batch, "completion_mask": batch["attention_mask"]})
-                 for name, model in (("policy", trainer.model), ("reference", trainer.ref_model))}
-    reply, whole = trainer.reply_mask(batch), batch["attention_mask"][:, 1:].bool()
-
-    def loss(mask):
-        return preference_loss(
-            trainer.reply_logps(logps["policy"], mask), trainer.reply_logps(logps["reference"], mask), beta=0.1
-        ).loss
-
-    assert abs(loss(reply).item() - loss(whole).item()) <= 1e-5
-    assert not torch.equal(reply, whole)
+        def loss(inputs):
+            return preference_loss(trainer.scored_tokens(trainer.model, inputs).reply_logps(),
+                                   trainer.scored_tokens(trainer.ref_model, inputs).reply_logps(), beta=0.1).loss
+        assert abs(loss(batch).item() - loss(whole).item()) <= 1e-5
+    assert not torch.equal(batch["completion_mask"], batch["attention_mask"])
 
 
 @pytest.mark.parametrize("model_name", ["ours", "transformers-gpt2", "transformers-llama"])
 def test_trains_any_causal_lm(tmp_path, gpt2_tokenizer, model_name):
     torch.manual_seed(0)
-    trainer = DPOTrainer(tiny_causal_lms()[model_name](), args=config(tmp_path),
-                         train_dataset=datasets.Dataset.from_list(preference_rows()), processing_class=gpt2_tokenizer)
+    trainer = DPOTrainer(tiny_causal_lms()[model_name](), args=config(tmp_path), train_dataset=data(),
+                         processing_class=gpt2_tokenizer)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
@@ -121,22 +140,18 @@ def test_trains_any_causal_lm(tmp_path, gpt2_tokenizer, model_name):
 def test_variants_compute_their_loss(tmp_path, gpt2_tokenizer, overrides):
     policy, reference = trained_pair()
     args = config(tmp_path, **overrides)
-    trainer = DPOTrainer(policy, reference, args, train_dataset=datasets.Dataset.from_list(preference_rows()),
-                         processing_class=gpt2_tokenizer)
+    trainer = DPOTrainer(policy, reference, args, train_dataset=data(), processing_class=gpt2_tokenizer)
     if args.reference_free:
         assert trainer.ref_model is None
-    batch = first_batch(trainer)
+    batch = batch_of(trainer)
     loss = trainer.compute_loss(trainer.model, batch)
-    mask = trainer.reply_mask(batch)
     with torch.no_grad():
-        pol_tokens = trainer.token_logps(trainer.model, batch)
-        pol = trainer.reply_logps(pol_tokens, mask)
-        ref = None if args.reference_free else trainer.reply_logps(trainer.token_logps(reference, batch), mask)
-    expected = preference_loss(pol, ref, beta=args.beta, loss_type=args.loss_type[0],
+        scored = trainer.scored_tokens(trainer.model, batch)
+        ref = None if args.reference_free else trainer.scored_tokens(add_logprob_head(reference), batch).reply_logps()
+    expected = preference_loss(scored.reply_logps(), ref, beta=args.beta, loss_type=args.loss_type[0],
                                label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma).loss
     if args.rpo_alpha:
-        chosen_tokens, chosen_mask = pol_tokens.chunk(2)[0], mask.chunk(2)[0]
-        expected = expected + args.rpo_alpha * -(chosen_tokens * chosen_mask).sum() / chosen_mask.sum()
+        expected = expected + args.rpo_alpha * -scored.logps[~scored.rejected].mean()
         assert trainer._metrics["train"]["nll_loss"]
     assert abs(loss.item() - expected.item()) <= 1e-5
     loss.backward()
@@ -150,19 +165,16 @@ def test_lora_reference_is_the_base_model_with_the_adapter_off(tmp_path, gpt2_to
     original = add_logprob_head(copy.deepcopy(model))  # LoRA wraps `model` in place
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM")
     trainer = DPOTrainer(model, args=config(tmp_path, learning_rate=1e-2), peft_config=peft_config,
-                         train_dataset=datasets.Dataset.from_list(preference_rows()), processing_class=gpt2_tokenizer)
+                         train_dataset=data(), processing_class=gpt2_tokenizer)
     assert trainer.ref_model is None  # no second copy of the weights
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     trainer.train()
-    batch = first_batch(trainer)
+    batch = batch_of(trainer)
     with torch.no_grad():
-        reference = trainer.reference_logps(batch)
-        base = trainer.reply_logps(trainer.token_logps(original, batch), trainer.reply_mask(batch))
-        with trainer.model.disable_adapter():
-            plain = trainer.reply_logps(trainer.token_logps(trainer.model, batch), trainer.reply_mask(batch))
-        policy = trainer.reply_logps(trainer.token_logps(trainer.model, batch), trainer.reply_mask(batch))
-    torch.testing.assert_close(reference.chosen, plain.chosen)
+        reference = trainer.reference_logps(batch, None)
+        base = trainer.scored_tokens(original, batch).reply_logps()
+        policy = trainer.scored_tokens(trainer.model, batch).reply_logps()
     torch.testing.assert_close(reference.chosen, base.chosen)
     assert not torch.allclose(policy.chosen, reference.chosen)  # the adapter learned something
 

@@ -3,9 +3,11 @@
 A reply's log-probability is the sum, over the reply's tokens only, of log_softmax(logits)[true next token]
 (the assignment's eq. 10; the prompt's terms would cancel in the loss). The losses are in `alignment.losses`.
 
-TRL provides the rest: tokenisation, the collator (each batch is [chosen rows; rejected rows]), precomputed
-reference log-probs, PEFT, distributed training and logging. Our changes beyond the computation:
+TRL provides the rest: tokenisation, precomputed reference log-probs, PEFT, distributed training and logging. Our
+changes beyond the computation:
 
+* batches share each prompt between its two replies and pack pairs without padding (`shared_prefix.py`);
+  `prefix_sharing: false` gives TRL's layout, [chosen rows; rejected rows], each padded;
 * with no reference model given, the reference is a frozen copy of the starting policy (TRL would reload it by name,
   which fails for a model built in memory); with LoRA it is the base model with the adapter disabled;
 * reference-free losses (SimPO) keep no reference at all.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 
 import torch
 import trl
@@ -24,7 +27,8 @@ from trl.trainer.utils import use_adapter
 
 from ..configs import DPOConfig
 from ..logprobs import IGNORE_INDEX, add_logprob_head
-from ..losses import PreferenceLoss, ReplyLogps, chosen_nll, preference_loss
+from ..losses import PreferenceLoss, ReplyLogps, preference_loss
+from .shared_prefix import SharedPrefixPreferenceCollator
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -33,17 +37,46 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return reference
 
 
+@dataclass
+class ScoredTokens:
+    """The log-probs of every reply token of a batch, with the pair and reply each belongs to."""
+
+    logps: torch.Tensor  # (N,)
+    pairs: torch.Tensor  # (N,) pair index
+    rejected: torch.Tensor  # (N,) True for rejected-reply tokens
+    num_pairs: int
+
+    def reply_logps(self) -> ReplyLogps:
+        """Per-pair sums and lengths of the chosen and rejected replies."""
+        slot = self.rejected.long() * self.num_pairs + self.pairs
+        sums = self.logps.new_zeros(2 * self.num_pairs).index_add(0, slot, self.logps)
+        lengths = torch.bincount(slot, minlength=2 * self.num_pairs)
+        return ReplyLogps(*sums.chunk(2), *lengths.chunk(2))
+
+    def chosen_nll(self) -> torch.Tensor:
+        """Mean negative log-likelihood of the chosen reply tokens (RPO's extra term)."""
+        chosen = self.logps[~self.rejected]
+        return -chosen.sum() / max(chosen.numel(), 1)
+
+
 class DPOTrainer(trl.DPOTrainer):
     """TRL's DPO trainer; see the module docstring for what is ours."""
 
-    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *, peft_config=None, **kwargs):
+    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *, peft_config=None, data_collator=None,
+                 processing_class=None, **kwargs):
         if args is None:
             raise ValueError("pass a DPOConfig (alignment.configs.DPOConfig)")
         uses_adapter = peft_config is not None or is_peft_model(model)
         builds_reference = not (uses_adapter or args.precompute_ref_log_probs or isinstance(model, str))
         if ref_model is None and builds_reference:
             ref_model = frozen_copy(model)
-        super().__init__(model, ref_model, args, peft_config=peft_config, **kwargs)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if data_collator is None and args.prefix_sharing:
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            data_collator = SharedPrefixPreferenceCollator(tokenizer.pad_token_id, args.max_length)
+        super().__init__(model, ref_model, args, peft_config=peft_config, data_collator=data_collator,
+                         processing_class=processing_class, **kwargs)
         if args.reference_free:
             self.ref_model = None
         add_logprob_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
@@ -52,25 +85,24 @@ class DPOTrainer(trl.DPOTrainer):
 
     # --- log-probs -----------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def reply_mask(inputs) -> torch.Tensor:
-        """Which next-token positions belong to a reply: (2B, T-1), aligned with the token log-probs."""
-        return inputs["completion_mask"][:, 1:].bool()
-
-    def token_logps(self, model, inputs) -> torch.Tensor:
-        """(2B, T-1) log-probs of the reply tokens, 0 elsewhere; rows are [chosen; rejected]."""
+    def scored_tokens(self, model, inputs) -> ScoredTokens:
+        """Log-probs of all reply tokens, from either batch layout."""
+        if "score_targets" in inputs:  # shared prefix, packed
+            logps = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                position_ids=inputs["position_ids"], score_positions=inputs["score_positions"],
+                score_targets=inputs["score_targets"], token_logps=True,
+            )
+            return ScoredTokens(logps, inputs["score_pairs"], inputs["score_rejected"], int(inputs["num_pairs"]))
+        # TRL's layout: rows [chosen; rejected], prompt repeated, right-padded
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
-        return model(
+        token_logps = model(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels, token_logps=True
         )
-
-    @staticmethod
-    def reply_logps(token_logps: torch.Tensor, reply_mask: torch.Tensor) -> ReplyLogps:
-        sums = (token_logps * reply_mask).sum(-1)
-        lengths = reply_mask.sum(-1)
-        chosen, rejected = sums.chunk(2)
-        chosen_length, rejected_length = lengths.chunk(2)
-        return ReplyLogps(chosen, rejected, chosen_length, rejected_length)
+        scored = labels[:, 1:] != IGNORE_INDEX
+        rows = scored.nonzero()[:, 0]
+        num_pairs = inputs["input_ids"].size(0) // 2
+        return ScoredTokens(token_logps[scored], rows % num_pairs, rows >= num_pairs, num_pairs)
 
     def reference_context(self):
         """No gradients, no checkpointing; with LoRA and no reference model, the adapter is switched off."""
@@ -82,29 +114,28 @@ class DPOTrainer(trl.DPOTrainer):
             stack.enter_context(use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None))
         return stack
 
-    def reference_logps(self, inputs) -> ReplyLogps:
-        mask = self.reply_mask(inputs)
-        lengths = mask.sum(-1).chunk(2)
+    def reference_logps(self, inputs, policy: ReplyLogps) -> ReplyLogps:
         if "ref_chosen_logps" in inputs:  # precomputed once before training
-            return ReplyLogps(inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], *lengths)
+            return ReplyLogps(
+                inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], policy.chosen_length, policy.rejected_length
+            )
         with self.reference_context():
-            token_logps = self.token_logps(self.ref_model if self.ref_model is not None else self.model, inputs)
-        return self.reply_logps(token_logps, mask)
+            model = self.ref_model if self.ref_model is not None else self.model
+            return self.scored_tokens(model, inputs).reply_logps()
 
     def compute_ref_log_probs(self, model, inputs):
         """TRL's hook for `precompute_ref_log_probs`: summed reference log-probs of the chosen and rejected replies."""
         with self.reference_context():
-            logps = self.reply_logps(self.token_logps(model, inputs), self.reply_mask(inputs))
+            logps = self.scored_tokens(model, inputs).reply_logps()
         return logps.chosen, logps.rejected
 
     # --- loss ----------------------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs, return_outputs=False):
         mode = "train" if self.model.training else "eval"
-        mask = self.reply_mask(inputs)
-        token_logps = self.token_logps(model, inputs)
-        policy = self.reply_logps(token_logps, mask)
-        reference = None if self.args.reference_free else self.reference_logps(inputs)
+        scored = self.scored_tokens(model, inputs)
+        policy = scored.reply_logps()
+        reference = None if self.args.reference_free else self.reference_logps(inputs, policy)
 
         weights = self.args.loss_weights or [1.0] * len(self.args.loss_type)
         terms = [
@@ -120,13 +151,12 @@ class DPOTrainer(trl.DPOTrainer):
         ]
         loss = sum(weight * term.loss for weight, term in zip(weights, terms, strict=True))
         if self.args.rpo_alpha is not None:
-            nll = chosen_nll(*(t.chunk(2)[0] for t in (token_logps, mask)))
+            nll = scored.chosen_nll()
             loss = loss + self.args.rpo_alpha * nll
             self._metrics[mode]["nll_loss"].append(self.accelerator.gather_for_metrics(nll.detach()).mean().item())
         self.record_metrics(mode, terms[0], policy, inputs)
         if return_outputs:
-            with torch.no_grad():
-                return loss, model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            raise ValueError("the DPO loss builds no logits to return; set prediction_loss_only=True")
         return loss
 
     def record_metrics(self, mode: str, result: PreferenceLoss, policy: ReplyLogps, inputs) -> None:
@@ -142,6 +172,6 @@ class DPOTrainer(trl.DPOTrainer):
         self._metrics[mode]["logps/chosen"].append(mean(policy.chosen))
         self._metrics[mode]["logps/rejected"].append(mean(policy.rejected))
         if mode == "train":
-            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += tokens
+            tokens = inputs["num_tokens"] if "num_tokens" in inputs else inputs["attention_mask"].sum()
+            self._total_train_tokens += self.accelerator.gather_for_metrics(tokens.reshape(1)).sum().item()
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
