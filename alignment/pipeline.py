@@ -34,6 +34,12 @@ def resume_argument(value: str | None) -> str | bool | None:
     return True if str(value).lower() in ("true", "yes", "1") else value
 
 
+def held_out_size(test_size: float) -> float | int:
+    """`test_size` below 1 is a share of the rows, from 1 up a row count: the recipe field is a float, and
+    `datasets` takes a count only as an int (`test_size: 20` would otherwise fail as 20.0)."""
+    return int(test_size) if test_size >= 1 else test_size
+
+
 def prepare_run(args: Any) -> bool:
     """Set up logging integrations before the trainer exists; returns whether to push to the Hub at the end."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -50,7 +56,10 @@ def run_sft(argv: list[str]) -> Path:
     wants_push = prepare_run(args)
     model, tokenizer = load_model_and_tokenizer(model_args, args.max_length, args.trust_remote_code)
     data = load_sft_dataset(
-        data_args.specs(), seed=args.seed, test_size=data_args.test_size, completion_only=bool(args.completion_only_loss)
+        data_args.specs(),
+        seed=args.seed,
+        test_size=held_out_size(data_args.test_size),
+        completion_only=bool(args.completion_only_loss),
     )
     trainer = SFTTrainer(
         model,
@@ -71,7 +80,7 @@ def run_dpo(argv: list[str]) -> Path:
     data = load_preference_dataset(
         data_args.specs(),
         seed=args.seed,
-        test_size=data_args.test_size,
+        test_size=held_out_size(data_args.test_size),
         tokenizer=tokenizer if prompt_budget else None,
         max_prompt_length=prompt_budget,
     )
@@ -88,7 +97,8 @@ def run_dpo(argv: list[str]) -> Path:
 
 def train_and_save(trainer, model_args, data_args, args, wants_push: bool, method: str) -> Path:
     output_dir = Path(args.output_dir)
-    save_resolved_recipe(output_dir, model_args, data_args, args)
+    if trainer.is_world_process_zero():  # one writer: processes writing it at once race on recipe.yaml.tmp
+        save_resolved_recipe(output_dir, model_args, data_args, args)
     result = trainer.train(resume_from_checkpoint=resume_argument(args.resume_from_checkpoint))
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
@@ -97,6 +107,8 @@ def train_and_save(trainer, model_args, data_args, args, wants_push: bool, metho
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     trainer.save_state()
+    trainer.args.push_to_hub = False  # else save_model pushes by itself, before the card exists, and may abort the run
+    trainer.save_model(str(output_dir))  # on every process: with FSDP or ZeRO-3, gathering the weights is collective
     if trainer.is_world_process_zero():
         save_run(trainer, model_args, data_args, output_dir, method)
         if wants_push:
@@ -106,8 +118,7 @@ def train_and_save(trainer, model_args, data_args, args, wants_push: bool, metho
 
 
 def save_run(trainer, model_args: ModelArguments, data_args: DataArguments, output_dir: Path, method: str) -> None:
-    """Everything a user (or the Hub) needs next to the weights: tokenizer, model code, card, curves."""
-    trainer.save_model(str(output_dir))
+    """Everything a user (or the Hub) needs next to the weights (saved by then): merged LoRA model, card, curves."""
     if model_args.use_peft and model_args.merge_adapter_on_save:
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
         merged.save_pretrained(output_dir / "merged")

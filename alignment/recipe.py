@@ -15,7 +15,9 @@ import argparse
 import dataclasses
 import difflib
 import enum
+import json
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +89,12 @@ def checked_value(action: argparse.Action, key: str, value: Any) -> Any:
         return [checked_value(action, key, item) for item in value]
     is_bool_field = getattr(action.type, "__name__", "") == string_to_bool.__name__  # also for Optional[bool]
     try:
-        if isinstance(value, bool) != is_bool_field and action.type is not str:
+        if is_bool_field and isinstance(value, str):  # "no", "true", ... as on the command line
+            converted = action.type(value)
+        elif isinstance(value, bool) != is_bool_field and action.type is not str:
             raise ValueError("a yes/no value where another type is expected, or the other way round")
-        converted = value if isinstance(value, bool) and is_bool_field else action.type(str(value))
+        else:
+            converted = value if isinstance(value, bool) and is_bool_field else action.type(str(value))
     except (ValueError, TypeError, argparse.ArgumentTypeError):
         expected = "yes/no value" if is_bool_field else getattr(action.type, "__name__", "value of another type")
         raise RecipeError(f"recipe key {key!r}: {value!r} is not a valid {expected}") from None
@@ -98,21 +103,34 @@ def checked_value(action: argparse.Action, key: str, value: Any) -> Any:
     return converted
 
 
+def json_list(text: str) -> list[Any]:
+    """A list-of-mappings setting given on the command line: a JSON list, or one JSON object."""
+    value = json.loads(text)
+    return value if isinstance(value, list) else [value]
+
+
 def parse_recipe(dataclass_types: tuple[type, ...], argv: list[str]) -> tuple[Any, ...]:
     """Parse `[recipe.yaml] [--key=value ...]` into one instance of each dataclass type."""
     path, overrides = split_recipe_path(argv)
     parser = TrlParser(dataclass_types, exit_on_error=False)
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    for action in actions.values():
+        if typing.get_origin(action.type) is dict:  # list[dict] (`datasets`): argparse would call dict(text)
+            action.type, action.nargs = json_list, None
     known = sorted(actions)
 
     recipe = read_recipe(path) if path is not None else {}
-    for name, value in (recipe.pop("env", None) or {}).items():
+    env = recipe.pop("env", None) or {}
+    if not isinstance(env, dict):
+        raise RecipeError(f"recipe key 'env' must be a mapping of NAME: value, got {type(env).__name__}")
+    for name, value in env.items():
         os.environ[str(name)] = str(value)
     for key in recipe:
         if key not in actions:
             raise unknown_key_error(key, known, "recipe")
+    flags = {opt[2:].replace("-", "_") for action in parser._actions for opt in action.option_strings}
     for key in override_keys(overrides):
-        if key not in actions:
+        if key not in flags:  # option names, not dests: `--help` and `--no_gradient_checkpointing` are fine
             raise unknown_key_error(key, known, "command-line")
     parser.set_defaults_with_config(**{k: checked_value(actions[k], k, v) for k, v in recipe.items()})
 
@@ -125,14 +143,21 @@ def parse_recipe(dataclass_types: tuple[type, ...], argv: list[str]) -> tuple[An
 
 
 def resolved_recipe(*configs: Any) -> dict[str, Any]:
-    """Every setting of the parsed configs as one flat mapping, secrets left out; parses back as a recipe."""
+    """Every setting of the parsed configs as one flat mapping, secrets left out; parses back as a recipe.
+
+    Unset (None) settings are written too: leaving them out would turn a default switched off on purpose
+    (`max_length: null`) back into the default when the file is parsed again.
+    """
     resolved: dict[str, Any] = {}
     for config in configs:
         values = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
         init_fields = {f.name for f in dataclasses.fields(config) if f.init}
         for key, value in values.items():
-            if key in init_fields and not any(secret in key for secret in SECRET_KEYS) and value is not None:
-                resolved[key] = plain(value)
+            if key not in init_fields or key in SECRET_KEYS:  # exact names: `pad_token` is no secret
+                continue
+            if key.endswith("_token"):  # TrainingArguments.to_dict masks them all, `pad_token` included
+                value = getattr(config, key)
+            resolved[key] = plain(value)
     return resolved
 
 

@@ -1,0 +1,429 @@
+"""The scripts end to end on a one-layer GPT-2 and a few rows of data: SFT, then DPO from its output; what the output
+folder holds and that it loads without this package; one-line errors; no Hub, no wandb key; LoRA with a merged copy."""
+
+import faulthandler
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from alignment.cli import run_cli
+from alignment.configs import DataArguments, DPOConfig, ModelArguments
+from alignment.integrations import hub_push_possible, prepare_wandb, push_folder
+from alignment.pipeline import resume_argument, run_dpo, run_sft
+from alignment.recipe import parse_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 64}
+COMMON = {
+    "max_length": 32,
+    "max_steps": 2,
+    "per_device_train_batch_size": 4,
+    "per_device_eval_batch_size": 4,
+    "gradient_checkpointing": False,
+    "report_to": "none",
+    "save_strategy": "no",
+    "logging_steps": 1,
+    "learning_rate": 1e-3,
+    "test_size": 4,  # a row count
+    "seed": 0,
+}
+MODEL_CODE = ("modeling_gpt2.py", "configuration_gpt2.py", "attention.py")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKEN_IDS = [[464, 3290, 318, 257, 1332, 13, 198, 198, 20490, 25]]  # any ids below GPT-2's 50257
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_recipe(path, **settings):
+    path.write_text(yaml.safe_dump({**COMMON, **settings}), encoding="utf-8")
+    return str(path)
+
+
+def unset(monkeypatch, name):
+    """Remove a variable such that monkeypatch restores the original state, even when code under test sets it."""
+    monkeypatch.setenv(name, "")
+    monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    sft = [{"text": f"\n\nHuman: What is {i % 7} + {i % 5}?\n\nAssistant: {i % 7 + i % 5}"} for i in range(24)]
+    dpo = []
+    for i in range(24):
+        a, b = i % 7, (3 * i) % 5
+        prompt = f"\n\nHuman: What is {a} + {b}?\n\nAssistant:"
+        dpo.append({"prompt": prompt, "chosen": f" {a + b}", "rejected": f" It is {a + b + 1}, I think."})
+    sft_recipe = write_recipe(
+        folder / "sft.yaml",
+        model_config="gpt2",
+        model_config_overrides=TINY_MODEL,
+        dataset_name=str(write_jsonl(folder / "sft.jsonl", sft)),
+        eval_strategy="steps",
+        eval_steps=2,
+    )
+    dpo_recipe = write_recipe(
+        folder / "dpo.yaml", dataset_name=str(write_jsonl(folder / "dpo.jsonl", dpo)), eval_strategy="no", beta=0.1
+    )
+    return SimpleNamespace(folder=folder, sft_recipe=sft_recipe, dpo_recipe=dpo_recipe)
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """`scripts/run_sft.py` then `scripts/run_dpo.py` from its output, in-process (`--debug`: a failure shows its
+    traceback here)."""
+    folder = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("WANDB_MODE", "disabled")
+        run_cli(run_sft, [data.sft_recipe, "--output_dir", str(folder / "sft"), "--debug"])
+        run_cli(run_dpo, [
+            "--config", data.dpo_recipe, "--model_name_or_path", str(folder / "sft"),
+            f"--output_dir={folder / 'dpo'}", "--debug",
+        ])
+    return SimpleNamespace(sft=folder / "sft", dpo=folder / "dpo")
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(torch.tensor(TOKEN_IDS)).logits
+
+
+# --- SFT → DPO: what the output folder holds ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_output_folder_holds_everything(runs, data, stage):
+    out = getattr(runs, stage)
+    for name in ("model.safetensors", "config.json", "recipe.yaml", "README.md", "train_results.json",
+                 *MODEL_CODE, *TOKENIZER_FILES):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoConfig"] == "configuration_gpt2.AlignmentGPT2Config"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt2.AlignmentGPT2ForCausalLM"
+    assert {k: config[k] for k in TINY_MODEL} == TINY_MODEL
+
+    plots = sorted((out / "plots").glob("*.png"))
+    assert plots and all(p.stat().st_size > 0 for p in plots)
+    assert any("loss" in p.stem for p in plots)
+
+    train_results = json.loads((out / "train_results.json").read_text())
+    assert "train_loss" in train_results
+    card = (out / "README.md").read_text()
+    assert f"- method: {stage.upper()}" in card
+    dataset = yaml.safe_load(Path(getattr(data, f"{stage}_recipe")).read_text())["dataset_name"]
+    assert f"- data: {dataset}" in card
+    assert "### Final train metrics" in card and "| train_loss |" in card
+    assert all(f"(plots/{p.name})" in card for p in plots)
+    assert ("- base model: gpt2 (random initialisation)" if stage == "sft" else f"- base model: {runs.sft}") in card
+
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["output_dir"] == str(out) and recipe["max_steps"] == 2
+    assert "hub_token" not in recipe
+    if stage == "sft":
+        assert (out / "eval_results.json").is_file() and "### Final eval metrics" in card
+        assert recipe["model_config_overrides"] == TINY_MODEL
+    else:
+        assert recipe["model_name_or_path"] == str(runs.sft) and recipe["beta"] == 0.1
+
+
+def test_dpo_starts_from_the_sft_weights(runs):
+    from safetensors.torch import load_file
+
+    sft, dpo = load_file(runs.sft / "model.safetensors"), load_file(runs.dpo / "model.safetensors")
+    assert sft.keys() == dpo.keys()
+    # two small steps away from the SFT weights, far closer to them than to a fresh random init
+    distance = sum((sft[k] - dpo[k]).abs().sum() for k in sft) / sum(sft[k].abs().sum() for k in sft)
+    assert 0 < distance < 0.1
+
+
+def test_output_folder_loads_without_the_alignment_package(runs, tmp_path):
+    """What anyone who downloads the pushed folder gets: the model code travels with the weights."""
+    script = tmp_path / "load.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.modules["alignment"] = None  # this package is not installed
+        try:
+            import alignment
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("alignment is importable")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        results = {{}}
+        for folder in sys.argv[1:]:
+            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+            with torch.no_grad():
+                logits = model(torch.tensor({TOKEN_IDS})).logits
+            results[folder] = {{
+                "module": type(model).__module__, "name": type(model).__name__, "logits": logits,
+                "ids": tokenizer("What is 2 + 3?")["input_ids"],
+            }}
+        torch.save(results, {str(tmp_path / "results.pt")!r})
+    """))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([sys.executable, str(script), str(runs.sft), str(runs.dpo)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = torch.load(tmp_path / "results.pt")
+
+    from alignment.tokenizer import load_tokenizer
+
+    expected_ids = load_tokenizer("gpt2")("What is 2 + 3?")["input_ids"]
+    for folder in (runs.sft, runs.dpo):
+        result = results[str(folder)]
+        assert result["name"] == "AlignmentGPT2ForCausalLM"
+        assert result["module"].startswith("transformers_modules.")  # the folder's code, not this package's
+        assert result["ids"] == expected_ids
+        ours = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert type(ours).__module__.startswith("alignment.")
+        torch.testing.assert_close(result["logits"], logits(ours), atol=1e-5, rtol=0)
+
+
+# --- one-line errors from the scripts ------------------------------------------------------------------------------
+
+
+def test_script_error_is_one_line_and_debug_shows_the_traceback(data, tmp_path):
+    recipe = write_recipe(tmp_path / "typo.yaml", dataset_name="x.jsonl", model_config="gpt2", betta=0.2)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env.pop("ALIGNMENT_DEBUG", None)
+    command = [sys.executable, "scripts/run_dpo.py", recipe, "--output_dir", str(tmp_path / "out")]
+    # both at once: each spends most of its time importing torch and transformers
+    plain, debug = (
+        subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for argv in (command, command + ["--debug"])
+    )
+    plain_out, plain_err = plain.communicate(timeout=300)
+    debug_out, debug_err = debug.communicate(timeout=300)
+
+    assert plain.returncode == 1, plain_err
+    lines = plain_err.strip().splitlines()
+    assert len(lines) == 1, plain_err
+    assert lines[0].startswith("error:") and "'betta'" in lines[0] and "beta" in lines[0]
+    assert "Traceback" not in plain_err + plain_out
+
+    assert debug.returncode != 0
+    assert "Traceback" in debug_err and "RecipeError" in debug_err and "'betta'" in debug_err
+    assert not (tmp_path / "out").exists()
+
+
+# --- the Hub, unreachable ------------------------------------------------------------------------------------------
+
+
+def test_push_to_hub_without_the_hub_keeps_the_run(data, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    caplog.set_level(logging.WARNING)
+    out = tmp_path / "pushed"
+    run_cli(run_sft, [data.sft_recipe, "--output_dir", str(out), "--push_to_hub", "true",
+                      "--hub_model_id", "someone/x", "--eval_strategy", "no", "--debug"])
+    for name in ("model.safetensors", "config.json", "README.md", "recipe.yaml", *MODEL_CODE, *TOKENIZER_FILES):
+        assert (out / name).is_file(), name
+    hub_lines = [r.getMessage() for r in caplog.records if "hub" in r.getMessage().lower()]
+    assert len(hub_lines) == 1, hub_lines
+    assert "unreachable" in hub_lines[0] and "\n" not in hub_lines[0]
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["hub_model_id"] == "someone/x"
+
+
+def test_push_happens_once_after_the_card_and_curves(data, tmp_path, monkeypatch):
+    """With a Hub: the final push is `push_folder`'s, of the finished folder; the trainer's own push at
+    `save_model` (before the card and curves exist, and able to abort the run) does not happen."""
+    import transformers
+
+    from alignment import pipeline
+
+    def trainer_push(self, *args, **kwargs):
+        raise ConnectionError("the trainer pushed by itself")
+
+    def fake_init_hf_repo(self, token=None, private=None):
+        self.hub_model_id, self.push_in_progress = self.args.hub_model_id, None
+
+    pushed = []
+
+    def fake_push_folder(folder, repo_id, token=None):
+        card = (Path(folder) / "README.md").read_text()
+        pushed.append((Path(folder), repo_id, token, "## Training run" in card, list(Path(folder).glob("plots/*.png"))))
+        return True
+
+    monkeypatch.setattr(pipeline, "hub_push_possible", lambda: True)
+    monkeypatch.setattr(pipeline, "push_folder", fake_push_folder)
+    monkeypatch.setattr(transformers.Trainer, "init_hf_repo", fake_init_hf_repo)
+    monkeypatch.setattr(transformers.Trainer, "push_to_hub", trainer_push)
+    out = tmp_path / "pushed"
+    run_cli(run_sft, [data.sft_recipe, "--output_dir", str(out), "--push_to_hub", "true", "--hub_model_id",
+                      "someone/x", "--hub_token", "hf_fake", "--eval_strategy", "no", "--debug"])
+    assert len(pushed) == 1
+    folder, repo_id, token, card_complete, plots = pushed[0]
+    assert (folder, repo_id, token) == (out, "someone/x", "hf_fake")
+    assert card_complete and plots
+    assert "hf_fake" not in (out / "recipe.yaml").read_text()
+
+
+def test_hub_unreachable_over_the_network(monkeypatch, caplog):
+    """Not offline by setting, but nothing answers: one quick probe, one line."""
+    from huggingface_hub import constants
+
+    unset(monkeypatch, "HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    caplog.set_level(logging.WARNING, logger="alignment.integrations")
+    assert hub_push_possible() is False
+    assert [r.getMessage() for r in caplog.records] == [
+        "push_to_hub: the Hugging Face Hub is unreachable; checkpoints stay local"
+    ]
+
+
+@pytest.mark.parametrize("failing", ["init", "create_repo", "upload_folder"])
+def test_failed_push_keeps_the_folder_and_says_where(tmp_path, monkeypatch, caplog, failing):
+    import huggingface_hub
+
+    class UnreachableHub:
+        def __init__(self, token=None):
+            if failing == "init":
+                raise OSError("no route to host\nsecond line")
+
+        def create_repo(self, repo_id, **kwargs):
+            if failing == "create_repo":
+                raise ConnectionError("Failed to resolve 'huggingface.co'\n  (details)")
+
+        def upload_folder(self, **kwargs):
+            raise TimeoutError("read timed out")
+
+    folder = tmp_path / "run"
+    (folder / "plots").mkdir(parents=True)
+    files = {"model.safetensors": b"weights", "config.json": b"{}", "plots/loss.png": b"png"}
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    monkeypatch.setattr(huggingface_hub, "HfApi", UnreachableHub)
+    caplog.set_level(logging.INFO, logger="alignment.integrations")
+
+    assert push_folder(folder, "someone/x", token="hf_fake") is False
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert caplog.records[0].levelno == logging.WARNING and "\n" not in message
+    assert str(folder.resolve()) in message and "failed" in message
+    assert {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == files
+
+
+# --- wandb without an API key --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_wandb_credentials(monkeypatch, tmp_path):
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_DISABLED"):
+        unset(monkeypatch, name)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+
+
+def wandb_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "alignment.integrations"]
+
+
+def test_wandb_without_api_key_logs_offline(no_wandb_credentials, caplog):
+    caplog.set_level(logging.WARNING, logger="alignment.integrations")
+    prepare_wandb(["none"])
+    assert "WANDB_MODE" not in os.environ and not caplog.records
+    prepare_wandb(["wandb"])
+    prepare_wandb("wandb")  # a second call: already offline, nothing more to say
+    assert os.environ["WANDB_MODE"] == "offline"
+    messages = wandb_warnings(caplog)
+    assert len(messages) == 1 and "API key" in messages[0] and "offline" in messages[0]
+
+
+def test_wandb_with_a_key_but_no_server_logs_offline(no_wandb_credentials, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: connection refused
+    (tmp_path / ".netrc").write_text("machine 127.0.0.1\n  login user\n  password fake-key\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    caplog.set_level(logging.WARNING, logger="alignment.integrations")
+    prepare_wandb(["all"])
+    assert os.environ["WANDB_MODE"] == "offline"
+    messages = wandb_warnings(caplog)
+    assert len(messages) == 1 and "unreachable" in messages[0]
+
+
+def test_sft_run_reporting_to_wandb_without_api_key(no_wandb_credentials, data, tmp_path, caplog):
+    import wandb
+
+    caplog.set_level(logging.WARNING, logger="alignment.integrations")
+    out = tmp_path / "wandb-run"
+    faulthandler.dump_traceback_later(300, exit=True)  # a hang fails the session instead of stalling it
+    try:
+        run_cli(run_sft, [data.sft_recipe, "--output_dir", str(out), "--report_to", "wandb",
+                          "--eval_strategy", "no", "--debug"])
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        if wandb.run is not None:
+            wandb.finish()
+    assert os.environ["WANDB_MODE"] == "offline"
+    assert len(wandb_warnings(caplog)) == 1
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+    assert list(tmp_path.glob("wandb/offline-run-*")), sorted(p.name for p in tmp_path.rglob("*"))[:50]
+
+
+# --- LoRA ----------------------------------------------------------------------------------------------------------
+
+
+def test_lora_dpo_saves_the_adapter_and_a_merged_model(runs, data, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "lora"
+    run_cli(run_dpo, [
+        data.dpo_recipe, "--model_name_or_path", str(runs.sft), "--output_dir", str(out), "--use_peft", "true",
+        "--lora_r", "4", "--lora_alpha", "8", "--merge_adapter_on_save", "true", "--learning_rate", "1e-2", "--debug",
+    ])
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"c_attn", "c_proj", "c_fc"}
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    assert not isinstance(merged, PeftModel)
+    assert not any("lora" in name for name in merged.state_dict())
+    assert (out / "merged" / "tokenizer.json").is_file()
+
+    base_logits = logits(AutoModelForCausalLM.from_pretrained(runs.sft).eval())
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(runs.sft), out).eval()
+    expected = logits(with_adapter)
+    assert (expected - base_logits).abs().max() > 1e-4  # the adapter learned something
+    torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=0)
+
+
+# --- resuming ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None), ("false", None), ("False", None), ("no", None), ("0", None), ("", None),
+        ("true", True), ("True", True), ("yes", True), ("1", True),
+        ("outputs/run/checkpoint-500", "outputs/run/checkpoint-500"),
+    ],
+)
+def test_resume_argument(value, expected):
+    assert resume_argument(value) == expected
+
+
+def test_resume_from_checkpoint_true_on_the_command_line(tmp_path):
+    argv = ["--model_config", "gpt2", "--dataset_name", "d.jsonl", "--output_dir", str(tmp_path)]
+    *_, args = parse_recipe((ModelArguments, DataArguments, DPOConfig), argv + ["--resume_from_checkpoint=true"])
+    assert resume_argument(args.resume_from_checkpoint) is True
+    *_, args = parse_recipe((ModelArguments, DataArguments, DPOConfig), argv)
+    assert resume_argument(args.resume_from_checkpoint) is None
