@@ -260,3 +260,15 @@ def test_dropout_is_active_only_in_training(gpt2_checkpoint):
         assert torch.equal(model(ids).logits, model(ids).logits)
         model.train()
         assert not torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_every_dropout_is_a_module_so_trl_can_switch_it_off(gpt2_checkpoint):
+    """TRL's disable_dropout_in_model sets p=0 on nn.Dropout modules; attention dropout must be one of them."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    model = AlignmentGPT2ForCausalLM.from_pretrained(gpt2_checkpoint, embd_pdrop=0.3, attn_pdrop=0.3, resid_pdrop=0.3)
+    disable_dropout_in_model(model)
+    model.train()
+    ids = batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)

@@ -44,7 +44,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key and value in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.attn_pdrop = config.attn_pdrop
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)  # a module, so tools that switch dropout off find it
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(
@@ -66,7 +66,7 @@ class CausalSelfAttention(nn.Module):
             v,
             visible,
             causal_only=causal_only,
-            dropout_p=self.attn_pdrop if self.training else 0.0,
+            dropout_p=self.attn_dropout.p if self.training else 0.0,
             implementation=implementation,
         )
         y = y.transpose(1, 2).reshape(batch, length, width)

@@ -70,6 +70,10 @@ class DPOTrainer(trl.DPOTrainer):
         builds_reference = not (uses_adapter or args.precompute_ref_log_probs or isinstance(model, str))
         if ref_model is None and builds_reference:
             ref_model = frozen_copy(model)
+        # TRL may compute reference log-probs inside its __init__, so the heads go on first (and under any adapter)
+        for module in (model, ref_model):
+            if isinstance(module, torch.nn.Module):
+                add_logprob_head(module.get_base_model() if is_peft_model(module) else module)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if data_collator is None and args.prefix_sharing:
             if tokenizer.pad_token is None:
@@ -80,8 +84,6 @@ class DPOTrainer(trl.DPOTrainer):
         if args.reference_free:
             self.ref_model = None
         add_logprob_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
-        if self.ref_model is not None:
-            add_logprob_head(self.accelerator.unwrap_model(self.ref_model))
 
     # --- log-probs -----------------------------------------------------------------------------------------------
 
