@@ -389,7 +389,8 @@ def _load_mixture(
     """Normalise, filter and subsample every source, then build train and test splits.
 
     Sources with an ``eval_split`` bring their own held-out rows; ``test_size`` (a share
-    or a row count) is carved, with ``seed``, out of the pooled rows of the others.
+    or a row count) is carved, with ``seed``, out of the pooled rows of the others, and
+    ``test_size=0`` holds nothing out.
     """
     if max_prompt_length is not None and tokenizer is None:
         raise ValueError("max_prompt_length needs a tokenizer to count prompt tokens")
@@ -422,10 +423,13 @@ def _load_mixture(
                 )
             train_parts.append(prepare(spec, spec.split))
             test_parts.append(prepare(spec, spec.eval_split))
-    if pooled:
+    if pooled and test_size:
         carved = concatenate_datasets(pooled).train_test_split(test_size=test_size, seed=seed)
         train_parts.append(carved["train"])
         test_parts.append(carved["test"])
+    elif pooled:
+        train_parts += pooled
+        test_parts.append(pooled[0].select([]))
     return DatasetDict(
         train=concatenate_datasets(train_parts).shuffle(seed=seed),
         test=concatenate_datasets(test_parts).shuffle(seed=seed),

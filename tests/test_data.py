@@ -358,3 +358,12 @@ def test_dataset_spec_from_any():
         DatasetSpec(path="x.jsonl", fraction=0)
     with pytest.raises(ValueError, match="unknown format 'dpo'"):
         DatasetSpec(path="x.jsonl", format="dpo")
+
+
+def test_test_size_zero_holds_nothing_out(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Q{i}", "chosen": f" a{i}", "rejected": f" b{i}"} for i in range(7)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_preference_dataset([str(path)], test_size=0)
+    assert len(data["train"]) == 7 and len(data["test"]) == 0
+    assert data["test"].column_names == ["prompt", "chosen", "rejected"]
