@@ -157,6 +157,13 @@ class DPOConfig(trl.DPOConfig):
         default=None, metadata={"help": "RPO: add this weight × the NLL of the chosen replies to the loss."}
     )
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin γ."})
+    ref_logps_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "With precompute_ref_log_probs: where reference log-probs are kept between runs, keyed by the "
+            "data and the reference weights (default: ~/.cache/alignment/reference_logps)."
+        },
+    )
     prefix_sharing: bool = field(
         default=True,
         metadata={

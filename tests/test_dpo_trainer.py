@@ -184,3 +184,33 @@ def test_config_rejects_bad_values(tmp_path):
         config(tmp_path, beta=0.0)
     with pytest.raises(ValueError, match="unknown loss_type"):
         config(tmp_path, loss_type=["nca"])
+
+
+def test_precomputed_reference_logps_are_cached_on_disk(tmp_path, gpt2_tokenizer, monkeypatch):
+    policy, reference = trained_pair()
+    calls = []
+
+    def run(rows):
+        args = config(tmp_path, precompute_ref_log_probs=True, ref_logps_cache_dir=str(tmp_path / "cache"))
+        trainer = DPOTrainer(copy.deepcopy(reference), None, args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=gpt2_tokenizer)
+        return trainer, trainer.train_dataset
+
+    original = DPOTrainer.compute_ref_log_probs
+    monkeypatch.setattr(DPOTrainer, "compute_ref_log_probs", lambda *a: calls.append(1) or original(*a))
+    first_trainer, first = run(preference_rows())
+    computed = len(calls)
+    assert computed > 0 and len(list((tmp_path / "cache").iterdir())) == 1
+    _, second = run(preference_rows())
+    assert len(calls) == computed  # read back, not recomputed
+    assert second["ref_chosen_logps"] == first["ref_chosen_logps"]
+    assert second["ref_rejected_logps"] == first["ref_rejected_logps"]
+    # the cached values are the reference's log-probs, and the loss from them equals the live reference's
+    batch = batch_of(first_trainer)
+    with torch.no_grad():
+        live = first_trainer.scored_tokens(add_logprob_head(reference), batch).reply_logps()
+    torch.testing.assert_close(batch["ref_chosen_logps"], live.chosen, atol=1e-5, rtol=0)
+    changed = preference_rows()
+    changed[0]["chosen"] = " something else"
+    run(changed)
+    assert len(calls) > computed and len(list((tmp_path / "cache").iterdir())) == 2  # new data, new key

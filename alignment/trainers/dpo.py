@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,10 @@ from trl.trainer.utils import use_adapter
 from ..configs import DPOConfig
 from ..logprobs import IGNORE_INDEX, add_logprob_head
 from ..losses import PreferenceLoss, ReplyLogps, preference_loss
+from .reference_cache import cache_path, load_reference_logps, save_reference_logps, token_ids_digest
 from .shared_prefix import SharedPrefixPreferenceCollator
+
+logger = logging.getLogger(__name__)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -124,6 +128,24 @@ class DPOTrainer(trl.DPOTrainer):
         with self.reference_context():
             model = self.ref_model if self.ref_model is not None else self.model
             return self.scored_tokens(model, inputs).reply_logps()
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's one pass of the reference over the data, kept on disk: a second run with the same data and
+        reference reads it back instead (see `reference_cache.py`)."""
+        path = cache_path(
+            self.args.ref_logps_cache_dir, token_ids_digest(dataset), self._precompute_model_hash,
+            self.args.max_length, self.args.prefix_sharing,
+        )
+        if path.exists():
+            logger.info("reference log-probs of the %s data read from %s", name, path)
+            chosen, rejected = load_reference_logps(path)
+            return dataset.add_column("ref_chosen_logps", chosen.numpy()).add_column("ref_rejected_logps", rejected.numpy())
+        dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+        if self.accelerator.is_main_process:
+            columns = dataset.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).with_format("torch")[:]
+            save_reference_logps(path, columns["ref_chosen_logps"], columns["ref_rejected_logps"])
+        self.accelerator.wait_for_everyone()
+        return dataset
 
     def compute_ref_log_probs(self, model, inputs):
         """TRL's hook for `precompute_ref_log_probs`: summed reference log-probs of the chosen and rejected replies."""
