@@ -9,7 +9,7 @@ sdpa), the same batch size, max length and number of steps, after warm-up steps 
 
 Sides: `ours` (our trainer with its defaults: shared prefixes, packed pairs, log-probs on reply tokens only),
 `trl` (stock TRL with its defaults), `trl-precompute` (stock TRL with precompute_ref_log_probs=True) and
-`ours-precompute`. Gradient checkpointing is off on every side (TRL turns it on by default; it trades speed for
+`ours-precompute`. SFT packs with TRL's default (best-fit, padding-free) on both sides. Gradient checkpointing is off on every side (TRL turns it on by default; it trades speed for
 memory and would only slow the stock side down). Without --data, pairs are generated with HH-RLHF's length profile.
 
 Prints a table and writes JSON (--output_json): pairs/s (DPO) or tokens/s (SFT), peak resident memory, the one-off
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 MODELS = {  # name -> GPT-2 config fields
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64},  # for smoke tests
     "small": {"n_layer": 4, "n_head": 4, "n_embd": 256},
     "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768},
 }
@@ -121,7 +122,7 @@ def run_side(options: argparse.Namespace) -> dict:
                                 processing_class=tokenizer, callbacks=[clock])
     else:
         config_class, trainer_class = (SFTConfig, SFTTrainer) if ours else (trl.SFTConfig, trl.SFTTrainer)
-        args = config_class(**common, packing=True)
+        args = config_class(**common, packing=True, packing_strategy="bfd")  # TRL's default, so batches are equal
         trainer = trainer_class(model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                                 processing_class=tokenizer, callbacks=[clock])
     setup_seconds = time.perf_counter() - start
