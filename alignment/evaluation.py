@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import math
 import os
 import re
@@ -516,3 +518,13 @@ def load_reward_model(
     if device is not None:
         model.to(device)
     return RewardModelJudge(model, load_tokenizer(source), **judge_kwargs)
+
+
+def add_loading_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The command-line options of `load_causal_lm`, shared by scripts/generate.py and scripts/evaluate.py."""
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the checkpoint's)")
+    parser.add_argument("--trust_remote_code", action="store_true", help="allow model code from the checkpoints")
+    parser.add_argument("--model_implementation", choices=("alignment", "transformers"), default="alignment",
+                        help="GPT-2 checkpoints load into our class ('alignment') or transformers' own")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"))
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")

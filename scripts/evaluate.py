@@ -33,6 +33,7 @@ import transformers
 
 from alignment.cli import run_cli
 from alignment.evaluation import (
+    add_loading_arguments,
     check_checkpoint,
     fit_pairs,
     judged_win_rate,
@@ -84,13 +85,7 @@ def build_parser() -> ArgumentParser:
     judge.add_argument("--greedy", action="store_true", help="greedy replies instead of sampled ones")
     judge.add_argument("--seed", type=int, default=0, help="seed of the sampled replies")
     judge.add_argument("--tie_tolerance", type=float, default=0.0, help="score difference still counted as a tie")
-    model = parser.add_argument_group("loading")
-    model.add_argument("--tokenizer", default=None, help="tokenizer of both models (default: the policy's)")
-    model.add_argument("--trust_remote_code", action="store_true", help="allow model code from the checkpoints")
-    model.add_argument("--model_implementation", choices=("alignment", "transformers"), default="alignment",
-                       help="GPT-2 checkpoints load into our class ('alignment') or transformers' own")
-    model.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"))
-    model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add_loading_arguments(parser.add_argument_group("loading"))
     return parser
 
 

@@ -29,7 +29,15 @@ import torch
 import transformers
 
 from alignment.cli import run_cli
-from alignment.evaluation import HH_ASSISTANT, HH_HUMAN, cut_at, generate, load_causal_lm, model_max_length
+from alignment.evaluation import (
+    HH_ASSISTANT,
+    HH_HUMAN,
+    add_loading_arguments,
+    cut_at,
+    generate,
+    load_causal_lm,
+    model_max_length,
+)
 
 DEFAULT_PROMPT = "Human: Hello, my name is Kate. What is your name?\n\nAssistant:"
 SEPARATOR = "-" * 80
@@ -63,17 +71,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     parser.add_argument("--batch_size", type=int, default=32, help="prompts per generate call")
     parser.add_argument("--output_json", default=None, help="also write the samples (or the dialogue) here")
-    add_model_arguments(parser)
+    add_loading_arguments(parser)
     return parser
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the checkpoint's)")
-    parser.add_argument("--trust_remote_code", action="store_true", help="allow model code from the checkpoint")
-    parser.add_argument("--model_implementation", choices=("alignment", "transformers"), default="alignment",
-                        help="GPT-2 checkpoints load into our class ('alignment') or transformers' own")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"))
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
 def check_options(args: argparse.Namespace) -> None:
