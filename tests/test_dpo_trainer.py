@@ -79,11 +79,14 @@ def test_shared_prefix_with_truncation_and_several_pairs_per_row(tmp_path, gpt2_
     shared_batch, plain_batch = batch_of(shared, 6), batch_of(plain, 6)
     assert shared_batch["input_ids"].size(0) < 6  # pairs packed several to a row
     assert (plain_batch["attention_mask"].sum(-1) == 80).any()  # some replies really were truncated
-    with torch.no_grad():
-        a = shared.scored_tokens(shared.model, shared_batch).reply_logps()
-        b = plain.scored_tokens(plain.model, plain_batch).reply_logps()
+    a = shared.scored_tokens(shared.model, shared_batch).reply_logps()
+    b = plain.scored_tokens(plain.model, plain_batch).reply_logps()
     for field in ("chosen", "rejected", "chosen_length", "rejected_length"):
         torch.testing.assert_close(getattr(a, field), getattr(b, field), atol=1e-5, rtol=0)
+    shared.compute_loss(shared.model, shared_batch).backward()
+    plain.compute_loss(plain.model, plain_batch).backward()
+    for (name, x), y in zip(shared.model.named_parameters(), plain.model.parameters()):
+        torch.testing.assert_close(x.grad, y.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_step_zero_loss_is_ln2_with_a_frozen_copy_as_reference(tmp_path, gpt2_tokenizer):

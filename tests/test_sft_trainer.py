@@ -83,13 +83,18 @@ def test_completion_only_loss_scores_only_replies(tmp_path, gpt2_tokenizer):
 
 
 def test_stock_sft_trainer_gets_the_same_loss(tmp_path, gpt2_tokenizer):
-    """Same windows through stock TRL's loss (its fused LM head) and ours."""
+    """Same windows through stock TRL's loss (its fused LM head) and ours: equal loss and gradients."""
     torch.manual_seed(0)
     model = tiny_causal_lms()["ours"]()
     ours = SFTTrainer(model, args=config(tmp_path), train_dataset=datasets.Dataset.from_list(dialogues()),
                       processing_class=gpt2_tokenizer)
     batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))
-    with torch.no_grad():
-        ours_loss = ours.compute_loss(ours.model, dict(batch))
-        stock_loss = trl.SFTTrainer.compute_loss(ours, ours.model, dict(batch))
+    ours_loss = ours.compute_loss(ours.model, dict(batch))
+    ours_loss.backward()
+    ours_grads = [p.grad.clone() for p in ours.model.parameters()]
+    ours.model.zero_grad()
+    stock_loss = trl.SFTTrainer.compute_loss(ours, ours.model, dict(batch))
+    stock_loss.backward()
     assert abs(ours_loss.item() - stock_loss.item()) <= 1e-5
+    for (name, p), grad in zip(ours.model.named_parameters(), ours_grads):
+        torch.testing.assert_close(grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
