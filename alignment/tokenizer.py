@@ -258,6 +258,8 @@ def load_tokenizer(
     elif tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
+    for loading_detail in ("local_files_only", "is_local"):  # how it was loaded here, not how to load it elsewhere
+        tokenizer.init_kwargs.pop(loading_detail, None)
     return tokenizer
 
 

@@ -2,6 +2,7 @@
 
 import base64
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -171,3 +172,10 @@ def test_cli_saves_a_loadable_folder(tokenizer_dir, cache_dir, tmp_path):
     )
     assert len(result.stdout.strip().splitlines()) == 1
     assert AutoTokenizer.from_pretrained(out).encode(PROMPT) == PROMPT_IDS
+
+
+def test_saved_tokenizer_carries_no_local_loading_details(tmp_path):
+    tokenizer = load_tokenizer("gpt2")
+    tokenizer.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in saved and "is_local" not in saved
