@@ -139,6 +139,10 @@ class SFTConfig(trl.SFTConfig):
             "documents packed best-fit.",
         },
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir that already holds one (its checkpoints are deleted)."},
+    )
 
     def __post_init__(self) -> None:
         fit_to_machine(self)
@@ -157,6 +161,10 @@ class DPOConfig(trl.DPOConfig):
         default=None, metadata={"help": "RPO: add this weight × the NLL of the chosen replies to the loss."}
     )
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin γ."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir that already holds one (its checkpoints are deleted)."},
+    )
     ref_logps_cache_dir: str | None = field(
         default=None,
         metadata={

@@ -41,10 +41,12 @@ def main(argv: list[str]) -> None:
     start = time.time()
 
     files = arithmetic.write_task(out / "data")
-    run_sft([str(RECIPES / "arithmetic_sft.yaml"), f"--dataset_name={files['sft_train']}", f"--output_dir={out / 'sft'}"])
+    fresh = "--overwrite_output_dir=true"  # the demo always starts over
+    run_sft([str(RECIPES / "arithmetic_sft.yaml"), f"--dataset_name={files['sft_train']}", f"--output_dir={out / 'sft'}",
+             fresh])
     run_dpo([
         str(RECIPES / "arithmetic_dpo.yaml"), f"--model_name_or_path={out / 'sft'}",
-        f"--dataset_name={files['dpo_train']}", f"--output_dir={out / 'dpo'}",
+        f"--dataset_name={files['dpo_train']}", f"--output_dir={out / 'dpo'}", fresh,
     ])
     train_seconds = time.time() - start
 

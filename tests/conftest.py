@@ -3,13 +3,13 @@ a faithful stand-in for the official `gpt2` checkpoint's format."""
 
 import os
 
-import pytest
-import torch
-import transformers
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the Hub is unreachable from CI machines; fail fast, never hang
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402  (the Hugging Face libraries read the variables above when imported)
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 TINY = {"vocab_size": 97, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "bos_token_id": 96, "eos_token_id": 96}
 

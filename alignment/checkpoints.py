@@ -1,0 +1,294 @@
+"""Checkpoints that survive a crash, and resuming from them.
+
+* A checkpoint is written under a hidden staging name (`.partial-checkpoint-N/checkpoint-N`) and renamed to
+  `checkpoint-N` only once every file is on disk (`AtomicCheckpointsMixin`). A run killed mid-write leaves the staging
+  folder, which nothing ever reads; transformers' Trainer writes `checkpoint-N` in place, so without this a kill
+  there leaves a folder that `--resume_from_checkpoint=true` picks and then fails on.
+* `resume_checkpoint` turns `resume_from_checkpoint` (true, or a path) into the folder to resume from: the newest
+  *complete* checkpoint, skipping incomplete ones (from older runs or other tools) with one warning each.
+* `check_output_dir` refuses to start a new run into a folder that already holds a trained model or checkpoints,
+  unless the run resumes or `overwrite_output_dir` is set: nothing saved is overwritten by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+logger = logging.getLogger(__name__)
+
+STAGING_PREFIX = ".partial-"  # a dot, so neither transformers' `checkpoint-*` glob nor its regex ever sees it
+CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+# What holds the weights: plain or sharded safetensors, a LoRA adapter, legacy .bin, FSDP / DeepSpeed shards.
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+    "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin",
+)  # fmt: skip
+WEIGHT_PREFIXES = ("pytorch_model_fsdp", "global_step")
+# Files in a finished run's folder that a new run would overwrite.
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or output folder that cannot be used as asked; the message says what to do."""
+
+
+# --- what a complete checkpoint is ----------------------------------------------------------------------------------
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A truncated safetensors file: its header must parse and every tensor's bytes must be inside the file."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            if header_size > size - 8:
+                return f"{path.name} is truncated"
+            header = json.loads(f.read(header_size))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        return f"{path.name} is truncated or not a safetensors file"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return f"{path.name} is truncated" if 8 + header_size + end > size else None
+
+
+def _file_problem(path: Path) -> str | None:
+    """Whether a file a crash may have cut short is whole (torch files are zip archives: their directory is last)."""
+    name = path.name
+    if name.endswith(".safetensors"):
+        return _safetensors_problem(path)
+    if name.endswith((".pt", ".pth", ".bin")):
+        return None if zipfile.is_zipfile(path) else f"{name} is truncated"
+    if name.endswith(".json"):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return f"{name} is truncated or not JSON"
+    return None
+
+
+def incomplete_reason(folder: str | os.PathLike) -> str | None:
+    """None for a checkpoint folder that resuming can use; else what is missing or broken."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "not a folder"
+    names = {p.name for p in folder.iterdir()}
+    if TRAINER_STATE not in names:
+        return f"no {TRAINER_STATE}"
+    if not names & set(WEIGHT_FILES) and not any(n.startswith(WEIGHT_PREFIXES) for n in names):
+        return "no model weights"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, UnicodeDecodeError):
+            return f"{index.name} is truncated or not JSON"
+        missing = sorted(shard for shard in shards if shard not in names)
+        if missing:
+            return f"weight shards missing: {', '.join(missing)}"
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            problem = _file_problem(path)
+            if problem:
+                return problem
+    return None
+
+
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """`checkpoint-N` folders of a run, newest (highest N) first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_NAME.match(p.name)) and p.is_dir()]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint of a run; incomplete newer ones are skipped, one warning each."""
+    for folder in checkpoint_folders(output_dir):
+        reason = incomplete_reason(folder)
+        if reason is None:
+            return folder
+        if warn:
+            logger.warning("skipping incomplete checkpoint %s (%s)", folder, reason)
+    return None
+
+
+def resume_checkpoint(value: str | bool | None, output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint folder `resume_from_checkpoint` asks for (True: the newest complete one in `output_dir`)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            raise CheckpointError(
+                f"resume_from_checkpoint=true, but {output_dir} holds no complete checkpoint-N folder to resume from; "
+                "start without resume_from_checkpoint, or give the path of a checkpoint"
+            )
+        logger.info("resuming from %s", found)
+        return str(found)
+    path = Path(value)
+    if not path.exists():
+        raise CheckpointError(f"resume_from_checkpoint: {value} does not exist")
+    if path.is_dir() and not (path / TRAINER_STATE).exists() and checkpoint_folders(path):
+        found = last_complete_checkpoint(path)  # a run's folder: its newest complete checkpoint
+        if found is not None:
+            logger.info("resuming from %s", found)
+            return str(found)
+    reason = incomplete_reason(path)
+    if reason is not None:
+        raise CheckpointError(f"resume_from_checkpoint: {value} is not a complete checkpoint ({reason})")
+    logger.info("resuming from %s", path)
+    return str(path)
+
+
+# --- the output folder ----------------------------------------------------------------------------------------------
+
+
+def check_output_dir(
+    output_dir: str | os.PathLike, *, overwrite: bool = False, resuming: bool = False, clean_stale: bool = True
+) -> None:
+    """Before anything loads: the folder is writable, and a new run never overwrites a saved one by accident.
+
+    With `overwrite`, the old run's checkpoint folders are removed (by the one process given `clean_stale`): else a
+    later `resume_from_checkpoint=true` would pick the old run's newest one."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CheckpointError(f"output_dir {output_dir} exists and is not a folder")
+    created = []  # folders made only to test writing; removed again, so a run failing later leaves nothing behind
+    folder = output_dir.absolute()
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise CheckpointError(
+            f"output_dir {output_dir} is not writable ({error.strerror or type(error).__name__}); choose another"
+        ) from None
+    finally:
+        for made in created:  # deepest first
+            try:
+                made.rmdir()
+            except OSError:
+                pass
+    if resuming:
+        return
+    saved = [p.name for p in checkpoint_folders(output_dir)[::-1]]
+    saved += [name for name in MODEL_FILES if (output_dir / name).exists()]
+    if not saved:
+        return
+    if not overwrite:
+        shown = ", ".join(saved[:4]) + (", ..." if len(saved) > 4 else "")
+        raise CheckpointError(
+            f"output_dir {output_dir} already holds a saved run ({shown}); resume it with "
+            "--resume_from_checkpoint=true, choose another output_dir, or set overwrite_output_dir to replace it"
+        )
+    stale = checkpoint_folders(output_dir) + [p for p in output_dir.glob(f"{STAGING_PREFIX}*") if p.is_dir()]
+    if stale and clean_stale:
+        logger.warning("overwrite_output_dir: removing %d checkpoint folders of the previous run in %s",
+                       len(stale), output_dir)
+        for folder in stale:
+            shutil.rmtree(folder)
+
+
+# --- writing checkpoints atomically ---------------------------------------------------------------------------------
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Put the files' bytes on disk before the rename makes the checkpoint visible (matters on power loss)."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def publish(staged: Path, final: Path) -> None:
+    """Rename a fully written checkpoint into place; an existing one of the same step is replaced only afterwards."""
+    _fsync_tree(staged)
+    old = None
+    if final.exists():  # the same step saved again (a resumed run): move the old one aside first
+        old = final.with_name(f"{STAGING_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(staged, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointsMixin:
+    """A Trainer mixin: `checkpoint-N` appears only complete (written under a staging name, then renamed).
+
+    transformers' `_save_checkpoint` writes into `<run dir>/checkpoint-N`; while it runs, the run dir is replaced by
+    `<run dir>/.partial-checkpoint-N`, and afterwards the finished folder is renamed into place (by the main process,
+    once every process has written its part), then old checkpoints are rotated as transformers would have.
+    """
+
+    _staging_run_dir: str | None = None
+
+    def _get_output_dir(self, trial: Any) -> str:
+        if self._staging_run_dir is not None:
+            return self._staging_run_dir
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f"{STAGING_PREFIX}{name}"
+        if self.args.should_save and staging.exists():  # left by a run killed while saving this step
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_run_dir = None
+        self.accelerator.wait_for_everyone()  # every process has written its files (rng states, shards)
+        if self.args.should_save:
+            final = run_dir / name
+            staged = staging / name
+            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
+                self.state.best_model_checkpoint = str(final)
+                self.state.save_to_json(str(staged / TRAINER_STATE))
+            publish(staged, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
