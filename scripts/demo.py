@@ -20,17 +20,12 @@ from pathlib import Path
 
 from alignment import AlignmentGPT2ForCausalLM
 from alignment.cli import run_cli
-from alignment.evaluation import generate, preference_scores
 from alignment.pipeline import run_dpo, run_sft
+from alignment.studies import ArithmeticEval, evaluate_policy
 from alignment.tasks import arithmetic
 from alignment.tokenizer import load_tokenizer
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "demo"
-
-
-def greedy_accuracy(model, tokenizer, prompts: list[str]) -> tuple[float, list[str]]:
-    replies = [r[0] for r in generate(model, tokenizer, prompts, max_new_tokens=4)]
-    return arithmetic.accuracy(prompts, replies), replies
 
 
 def main(argv: list[str]) -> None:
@@ -53,23 +48,12 @@ def main(argv: list[str]) -> None:
     tokenizer = load_tokenizer(str(out / "sft"))
     sft = AlignmentGPT2ForCausalLM.from_pretrained(out / "sft")
     dpo = AlignmentGPT2ForCausalLM.from_pretrained(out / "dpo")
-    held_out_pairs = [json.loads(line) for line in files["dpo_test"].read_text().splitlines()]
-    train_prompts = arithmetic.prompts_dataset("train")["prompt"]
-    held_out_prompts = arithmetic.prompts_dataset("test")["prompt"]
-
-    results: dict[str, dict[str, float]] = {}
+    task = ArithmeticEval.from_files(files)
+    results: dict[str, dict[str, float | None]] = {}
     samples: dict[str, list[dict[str, str]]] = {}
     for name, model, reference in (("sft", sft, None), ("dpo", dpo, sft)):
-        scores = preference_scores(model, reference, tokenizer, held_out_pairs)
-        train_acc, _ = greedy_accuracy(model, tokenizer, train_prompts)
-        held_out_acc, replies = greedy_accuracy(model, tokenizer, held_out_prompts)
-        results[name] = {
-            "held_out_preference_accuracy": scores.reference_free_accuracy,
-            "held_out_reward_accuracy_vs_sft": scores.accuracy if reference is not None else None,
-            "greedy_correct_train_problems": train_acc,
-            "greedy_correct_held_out_problems": held_out_acc,
-        }
-        samples[name] = [{"prompt": p, "reply": r} for p, r in zip(held_out_prompts[:20], replies[:20])]
+        results[name], replies = evaluate_policy(model, reference, tokenizer, task)
+        samples[name] = [{"prompt": p, "reply": r} for p, r in zip(task.held_out_prompts[:20], replies[:20])]
     results["seconds"] = {"training": round(train_seconds, 1), "total": round(time.time() - start, 1)}
 
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
