@@ -191,7 +191,11 @@ def main(argv: list[str] | None = None) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="alignment-benchmark-"))
     torch.manual_seed(0)
-    config = transformers.GPT2Config(**MODELS[options.model], n_positions=1024)
+    # No dropout (the assignment's "gpt2" preset): attention dropout would push PyTorch's CPU attention onto its
+    # unfused path, which stores every attention matrix of a 4,000-token packed row (both sides alike).
+    config = transformers.GPT2Config(
+        **MODELS[options.model], n_positions=1024, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0
+    )
     transformers.GPT2LMHeadModel(config).save_pretrained(work / "weights")
     n_rows = options.batch_size * (options.warmup + options.steps)
     pairs = load_pairs(options.data, n_rows)
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0:
-            raise SystemExit(f"side {side} failed:\n{done.stderr[-3000:]}")
+            raise SystemExit(f"side {side} failed (exit code {done.returncode}):\n{done.stderr[-3000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"  {side}: done", file=sys.stderr)
 
