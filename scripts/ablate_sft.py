@@ -97,6 +97,14 @@ def main(argv: list[str]) -> None:
     options = parser.parse_args(argv)
     if options.threads is not None and options.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {options.threads}")
+    threads = torch.get_num_threads()
+    try:
+        study(options)
+    finally:
+        torch.set_num_threads(threads)  # the evaluation may change it; leave the caller's setting as it was
+
+
+def study(options: argparse.Namespace) -> None:
     out = Path(options.output_dir)
     start = time.time()
 

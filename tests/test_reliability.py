@@ -378,11 +378,12 @@ def test_non_finite_loss_stops_before_the_update_and_names_the_rows(stage, poiso
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_same_recipe_and_seed_give_the_same_run_twice(crashed, stage, tmp_path, offline):
-    """Here, and in the reference run (another process): the same losses and weights, to the last bit."""
+    """Here, and in the reference run (another process): the same losses and weights (to 1e-6: float sums depend on
+    the number of torch threads, which other code in this process may have set)."""
     again = tmp_path / "again"
     run_cli(RUN[stage], [crashed.recipes[stage], "--output_dir", str(again)])
     reference = crashed.runs[f"{stage}-reference"].dir
-    assert_same_run(again, reference, atol=0)
+    assert_same_run(again, reference)
     assert len({loss for _, loss in losses(again)}) > 1
     assert sorted(p.name for p in again.rglob("*.bin")) == ["training_args.bin"] * 5  # weights: safetensors only
 
