@@ -208,19 +208,24 @@ def check_output_dir(
 # --- writing checkpoints atomically ---------------------------------------------------------------------------------
 
 
+def _fsync(path: Path) -> None:
+    """Flush one file's (or folder's) bytes to disk; best effort, as not every file system allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(folder: Path) -> None:
     """Put the files' bytes on disk before the rename makes the checkpoint visible (matters on power loss)."""
     for path in sorted(folder.rglob("*"), reverse=True):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        _fsync(path)
 
 
 def publish(staged: Path, final: Path) -> None:
@@ -231,22 +236,9 @@ def publish(staged: Path, final: Path) -> None:
         old = final.with_name(f"{STAGING_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}")
         os.replace(final, old)
     os.replace(staged, final)
-    _fsync_dir(final.parent)
+    _fsync(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class AtomicCheckpointsMixin:
