@@ -23,13 +23,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.error
-import urllib.request
 from itertools import pairwise
 from pathlib import Path
 
-from huggingface_hub import constants as hf_constants
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
+
+from .integrations import hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +43,6 @@ RANKS_MEMBER = "whisper/assets/gpt2.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 
-HUB_PROBE_TIMEOUT_S = 5
 # A dead network otherwise costs pip up to PIP_DEFAULT_TIMEOUT seconds times several retries.
 PIP_TIMEOUT_S = 15
 PIP_RETRIES = 2
@@ -67,20 +65,6 @@ def _unavailable(name: str, reason: str) -> TokenizerUnavailableError:
 def default_cache_dir() -> Path:
     """`$ALIGNMENT_CACHE` if set, else `~/.cache/alignment`."""
     return Path(os.environ.get("ALIGNMENT_CACHE") or Path.home() / ".cache" / "alignment").expanduser()
-
-
-def _hub_online() -> bool:
-    """Probe the Hub once, quickly: when it is unreachable, huggingface_hub retries with backoff for ~50 s."""
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
-        return False
-    request = urllib.request.Request(hf_constants.ENDPOINT, method="HEAD")
-    try:
-        with urllib.request.urlopen(request, timeout=HUB_PROBE_TIMEOUT_S):
-            return True
-    except urllib.error.HTTPError as err:
-        return err.code < 500  # 5xx would also trigger huggingface_hub's slow retries
-    except OSError:  # DNS failure, refused connection, timeout
-        return False
 
 
 def _download_ranks() -> bytes:
@@ -219,7 +203,7 @@ def _load(name_or_path: str, cache_dir: str | os.PathLike | None) -> PreTrainedT
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():
         return AutoTokenizer.from_pretrained(folder)
-    online = _hub_online()
+    online = hub_reachable()  # one quick probe: unreachable, huggingface_hub retries for ~50 s
     try:
         return AutoTokenizer.from_pretrained(name_or_path, local_files_only=not online)
     except OSError as hub_error:
