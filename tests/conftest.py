@@ -2,7 +2,10 @@
 a faithful stand-in for the official `gpt2` checkpoint's format."""
 
 import os
+import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `examples` is importable as a package in tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the Hub is unreachable from CI machines; fail fast, never hang
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,7 +39,7 @@ def gpt2_checkpoint(tmp_path, hf_gpt2):
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     """The real GPT-2 tokenizer, built offline from the BPE ranks (cached after the first run)."""
-    from alignment.tokenizer import load_tokenizer
+    from alignment.modeling.tokenizer import load_tokenizer
 
     return load_tokenizer("gpt2")
 

@@ -1,8 +1,7 @@
-"""scripts/ablate_sft.py end to end with --quick (a tenth of the demo's data, a few steps per run; one torch thread,
-on a busy 2-core machine much faster than two): the files it writes, one table row per SFT fraction, a 0% run that
-really had no SFT, accuracies that are shares, a valid PNG, and the full fine-tuning vs LoRA comparison."""
+"""examples/arithmetic/ablate_sft.py end to end with --quick (a tenth of the demo's data, a few steps per run; one
+torch thread, on a busy 2-core machine much faster than two): the files it writes, one table row per SFT fraction, a
+0% run that really had no SFT, accuracies that are shares, a valid PNG, and the full fine-tuning vs LoRA comparison."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,13 +11,14 @@ import yaml
 from transformers import set_seed
 
 from alignment import AlignmentGPT2ForCausalLM
-from alignment.cli import run_cli
-from alignment.configs import DataArguments, ModelArguments, SFTConfig
-from alignment.loading import load_model
-from alignment.recipe import parse_recipe
-from alignment.studies import trainable_parameters
+from alignment.modeling.loading import load_model
+from alignment.run.arguments import DataArguments, ModelArguments
+from alignment.run.cli import run_cli
+from alignment.run.recipe import parse_recipe
+from alignment.training.configs import SFTConfig
+from examples.arithmetic import ablate_sft as ablate
+from examples.arithmetic.studies import trainable_parameters
 
-REPO = Path(__file__).resolve().parents[1]
 ACCURACIES = (
     "held_out_preference_accuracy",
     "held_out_reward_accuracy_vs_sft",
@@ -27,16 +27,6 @@ ACCURACIES = (
 )
 RUN_FOLDERS = ("sft-0", "sft-50", "sft-100", "dpo-from-sft-0", "dpo-from-sft-50", "dpo-from-sft-100",
                "dpo-lora-from-sft-100")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("ablate_sft_script", REPO / "scripts" / "ablate_sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ablate = load_script()
 
 
 @pytest.fixture(scope="module")

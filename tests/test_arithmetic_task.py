@@ -1,4 +1,4 @@
-"""Tests for alignment.tasks.arithmetic, the offline demo task."""
+"""Tests for examples/arithmetic/task.py, the offline demo task."""
 
 import json
 from collections import Counter
@@ -7,7 +7,7 @@ import datasets
 import pytest
 
 from alignment.data import split_hh_dialogue
-from alignment.tasks.arithmetic import (
+from examples.arithmetic.task import (
     FILES,
     OPERATORS,
     PROBLEMS,

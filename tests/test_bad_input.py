@@ -1,6 +1,6 @@
 """Bad input: one clear line, a non-zero exit, nothing lost.
 
-A catalogue of what users get wrong, each case run through `alignment.cli.run_cli` (what the scripts run) in this
+A catalogue of what users get wrong, each case run through `alignment.run.cli.run_cli` (what the scripts run) in this
 process: the exit code, exactly one `error:` line naming the problem and what to do, no traceback. A few run as real
 processes, to prove the exit code and that nothing but that line (and the log) reaches the terminal. And a run never
 overwrites a saved one.
@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from alignment.checkpoints import check_output_dir
-from alignment.cli import run_cli
-from alignment.pipeline import run_dpo, run_sft
+from alignment.training.checkpoints import check_output_dir
+from alignment.run.cli import run_cli
+from alignment.run.pipeline import run_dpo, run_sft
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 64}

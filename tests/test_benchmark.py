@@ -1,4 +1,5 @@
-"""scripts/benchmark.py runs every side in its own process, on the same weights and data, with agreeing losses."""
+"""The TRL comparison (benchmarks/trl_comparison.py, run by scripts/benchmark.py) runs every side in its own process,
+on the same weights and data, with agreeing losses."""
 
 import json
 import subprocess
@@ -7,7 +8,24 @@ from pathlib import Path
 
 import pytest
 
+from alignment.data import split_hh_dialogue
+from benchmarks.trl_comparison import DPO_SIDES, SFT_SIDES, Settings, synthetic_pairs
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+
+
+def test_synthetic_pairs_are_hh_shaped_and_reproducible():
+    pairs = synthetic_pairs(20)
+    assert pairs == synthetic_pairs(20) and len(pairs) == 20
+    for pair in pairs:
+        assert split_hh_dialogue(pair["prompt"] + pair["chosen"]) == (pair["prompt"], pair["chosen"])
+        assert pair["chosen"].startswith(" ") and pair["rejected"].startswith(" ")
+
+
+def test_settings_pick_the_sides_and_refuse_no_timed_steps():
+    assert Settings("dpo").sides == DPO_SIDES and Settings("sft").sides == SFT_SIDES
+    with pytest.raises(ValueError, match="at least 1"):
+        Settings("dpo", steps=0)
 
 
 @pytest.mark.slow

@@ -10,12 +10,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from alignment.data import (
-    IDENTICAL,
-    MISSING,
-    NO_ASSISTANT_TURN,
-    NON_TEXT,
-    PROMPT_TOO_LONG,
-    PROMPTS_DIFFER,
     DataFormatError,
     DatasetSpec,
     detect_format,
@@ -24,6 +18,7 @@ from alignment.data import (
     normalize_dataset,
     split_hh_dialogue,
 )
+from alignment.data.formats import IDENTICAL, MISSING, NO_ASSISTANT_TURN, NON_TEXT, PROMPT_TOO_LONG, PROMPTS_DIFFER
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@
 
 A tiny random GPT-2 trains for a few steps on a preference file written here. The checkpoint is rank 0's alone, so
 the launched script is a small wrapper (written into tmp_path, the package needs no test-only code) that runs
-`alignment.pipeline.run_dpo` as `scripts/run_dpo.py` does and then has every rank write its own weights, before
+`alignment.run.pipeline.run_dpo` as `scripts/run_dpo.py` does and then has every rank write its own weights, before
 and after training, and what it saw of the process group. Both ranks must end with the same weights.
 """
 
@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-import alignment.pipeline as pipeline
+import alignment.run.pipeline as pipeline
 
 seen = {}
 train_and_save = pipeline.train_and_save

@@ -8,10 +8,10 @@ import pytest
 import torch
 import trl
 
-from alignment.configs import DPOConfig
-from alignment.logprobs import add_logprob_head
-from alignment.losses import preference_loss
-from alignment.trainers import DPOTrainer
+from alignment.training.configs import DPOConfig
+from alignment.training.logprobs import add_logprob_head
+from alignment.training.losses import preference_loss
+from alignment.training import DPOTrainer
 from tests.conftest import preference_rows, tiny_causal_lms
 
 METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]

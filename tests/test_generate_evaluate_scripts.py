@@ -1,7 +1,7 @@
-"""scripts/generate.py and scripts/evaluate.py on tiny checkpoints: in-process through main(argv) (a subprocess pays
-seconds importing torch), plus one subprocess per script for the one-line error of the command line."""
+"""scripts/generate.py and scripts/evaluate.py on tiny checkpoints: in-process through the commands' main(argv) in
+`alignment.evaluation.sampling` and `alignment.evaluation.report` (a subprocess pays seconds importing torch), plus
+one subprocess per script for the one-line error of the command line."""
 
-import importlib.util
 import io
 import json
 import os
@@ -14,8 +14,10 @@ import torch
 import transformers
 
 from alignment import AlignmentGPT2Config, AlignmentGPT2ForCausalLM
-from alignment.cli import run_cli
+from alignment.run.cli import run_cli
 from alignment.evaluation import HH_HUMAN, cut_at, generate, preference_scores, reward_model_judge, win_rate_from_counts
+from alignment.evaluation import report as evaluate_command
+from alignment.evaluation import sampling as generate_command
 from tests.conftest import preference_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,23 +25,13 @@ KATE = "Human: Hello, my name is Kate. What is your name?\n\nAssistant:"
 SEPARATOR = "-" * 80
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generate_script, evaluate_script = load_script("generate"), load_script("evaluate")
-
-
 def run_generate(*argv, stdin=None):
     """generate.py's main on the CPU (the script would take a GPU if there were one), as the expectations are."""
-    return generate_script.main([*argv, "--device", "cpu"], stdin=stdin)
+    return generate_command.main([*argv, "--device", "cpu"], stdin=stdin)
 
 
 def run_evaluate(*argv):
-    return evaluate_script.main([*argv, "--device", "cpu", "--no_progress"])
+    return evaluate_command.main([*argv, "--device", "cpu", "--no_progress"])
 
 
 @pytest.fixture(autouse=True)
@@ -180,7 +172,7 @@ def test_bad_generate_arguments_are_one_line_errors(checkpoints, tmp_path, capsy
         ([checkpoints["policy"], "--temprature", "1"], "unrecognized arguments: --temprature"),
     ):
         with pytest.raises(SystemExit) as exit_info:
-            run_cli(generate_script.main, argv)
+            run_cli(generate_command.main, argv)
         err = capsys.readouterr().err
         assert exit_info.value.code == 1 and err.startswith("error:") and message in err, err
         assert len(err.strip().splitlines()) == 1
@@ -237,7 +229,7 @@ def test_bad_evaluate_arguments_are_one_line_errors(checkpoints, tmp_path, capsy
         ([checkpoints["policy"], "--data", checkpoints["data"], "--max_length", "5"], "longer than 5 tokens"),
     ):
         with pytest.raises(SystemExit) as exit_info:
-            run_cli(evaluate_script.main, argv)
+            run_cli(evaluate_command.main, argv)
         err = capsys.readouterr().err
         assert exit_info.value.code == 1 and err.startswith("error:") and message in err, err
         assert len(err.strip().splitlines()) == 1

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from alignment.logprobs import IGNORE_INDEX, add_logprob_head, logprobs_of_targets, token_logps_from_hidden
+import transformers
+
+from alignment.training.logprobs import (
+    IGNORE_INDEX,
+    HeadTransform,
+    add_logprob_head,
+    logprobs_of_targets,
+    token_logps_from_hidden,
+)
 from alignment import AlignmentGPT2Config, AlignmentGPT2ForCausalLM
 
 
@@ -55,3 +63,63 @@ def test_patched_forward_returns_token_logps_and_keeps_the_original():
     expected = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * (labels[:, 1:] != -100)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert add_logprob_head(model) is model  # idempotent
+
+
+@pytest.mark.parametrize("transform", [HeadTransform(scale=0.25), HeadTransform(softcap=2.0),
+                                       HeadTransform(scale=3.0, softcap=1.5)])
+def test_scaled_and_softcapped_heads_match_the_naive_computation(transform):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (7,), generator=g)
+    z = (hidden @ weight.t()) * transform.scale
+    if transform.softcap is not None:
+        z = transform.softcap * torch.tanh(z / transform.softcap)
+    expected = torch.log_softmax(z, -1).gather(-1, targets[:, None]).squeeze(-1)
+    ours = logprobs_of_targets(hidden, weight, targets, None, 3, transform)
+    torch.testing.assert_close(ours, expected, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda h, w: logprobs_of_targets(h, w, targets, None, 3, transform), (hidden, weight))
+
+
+def tiny_gemma2():
+    config = transformers.Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                       max_position_embeddings=32, final_logit_softcapping=0.1)
+    return transformers.Gemma2ForCausalLM(config)
+
+
+def tiny_cohere():
+    config = transformers.CohereConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                       logit_scale=0.5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return transformers.CohereForCausalLM(config)
+
+
+@pytest.mark.parametrize("build", [tiny_gemma2, tiny_cohere], ids=["gemma2-softcap", "cohere-logit-scale"])
+def test_head_variants_of_real_models_match_their_own_logits(build):
+    """Gemma 2 soft-caps its logits, Cohere scales them: our head must give what the model's own logits give,
+    values and gradients (the case `add_logprob_head` used to get wrong)."""
+    torch.manual_seed(0)
+    model = build().float()
+    model.config.use_cache = False
+    transform = HeadTransform.of(model.config)
+    assert transform != HeadTransform()
+    ids = torch.randint(0, 64, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = IGNORE_INDEX
+    scored = labels[:, 1:] != IGNORE_INDEX
+
+    output = model(ids, output_hidden_states=True)
+    expected = torch.log_softmax(output.logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)[scored]
+    raw = torch.log_softmax(model.lm_head(output.hidden_states[-1][:, :-1]), -1).gather(-1, ids[:, 1:, None])
+    assert (raw.squeeze(-1)[scored] - expected).abs().max() > 1e-2  # the variant matters at these values
+    expected.sum().backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    add_logprob_head(model)
+    got = model(ids, labels=labels, token_logps=True)[scored]
+    torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=0)
+    got.sum().backward()
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from alignment.losses import ReplyLogps, chosen_nll, preference_loss
+from alignment.training.losses import ReplyLogps, preference_loss
 
 POLICY = ReplyLogps(torch.tensor([-4.0, -9.0]), torch.tensor([-6.0, -5.0]), torch.tensor([2, 3]), torch.tensor([4, 1]))
 REFERENCE = ReplyLogps(torch.tensor([-5.0, -8.0]), torch.tensor([-5.5, -6.0]), torch.tensor([2, 3]), torch.tensor([4, 1]))
@@ -80,6 +80,14 @@ def test_reference_losses_need_a_reference_and_types_are_checked():
 
 
 def test_chosen_nll_is_the_token_mean():
-    token_logps = torch.tensor([[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    torch.testing.assert_close(chosen_nll(token_logps, mask), torch.tensor(2.0))
+    """RPO's term: the mean NLL over the chosen replies' tokens of the batch; rejected tokens do not count."""
+    from alignment.training.dpo import ScoredTokens
+
+    # pair 0's chosen reply scored -1 and -2, pair 1's -3; the rejected tokens (-5, -7) are left out
+    scored = ScoredTokens(
+        logps=torch.tensor([-1.0, -2.0, -5.0, -3.0, -7.0]),
+        pairs=torch.tensor([0, 0, 0, 1, 1]),
+        rejected=torch.tensor([False, False, True, False, True]),
+        num_pairs=2,
+    )
+    torch.testing.assert_close(scored.chosen_nll(), torch.tensor(2.0))

@@ -16,11 +16,12 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from alignment.cli import run_cli
-from alignment.configs import DataArguments, DPOConfig, ModelArguments
-from alignment.integrations import hub_push_possible, prepare_wandb, push_folder
-from alignment.pipeline import resume_argument, run_dpo, run_sft
-from alignment.recipe import parse_recipe
+from alignment.run.cli import run_cli
+from alignment.run.arguments import DataArguments, ModelArguments
+from alignment.training.configs import DPOConfig
+from alignment.run.integrations import hub_push_possible, prepare_wandb, push_folder
+from alignment.run.pipeline import resume_argument, run_dpo, run_sft
+from alignment.run.recipe import parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 64}
@@ -184,7 +185,7 @@ def test_output_folder_loads_without_the_alignment_package(runs, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = torch.load(tmp_path / "results.pt")
 
-    from alignment.tokenizer import load_tokenizer
+    from alignment.modeling.tokenizer import load_tokenizer
 
     expected_ids = load_tokenizer("gpt2")("What is 2 + 3?")["input_ids"]
     for folder in (runs.sft, runs.dpo):
@@ -246,7 +247,7 @@ def test_push_happens_once_after_the_card_and_curves(data, tmp_path, monkeypatch
     `save_model` (before the card and curves exist, and able to abort the run) does not happen."""
     import transformers
 
-    from alignment import pipeline
+    from alignment.run import pipeline
 
     def trainer_push(self, *args, **kwargs):
         raise ConnectionError("the trainer pushed by itself")
@@ -281,7 +282,7 @@ def test_hub_unreachable_over_the_network(monkeypatch, caplog):
 
     unset(monkeypatch, "HF_HUB_OFFLINE")
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
-    caplog.set_level(logging.WARNING, logger="alignment.integrations")
+    caplog.set_level(logging.WARNING, logger="alignment.run.integrations")
     assert hub_push_possible() is False
     assert [r.getMessage() for r in caplog.records] == [
         "push_to_hub: the Hugging Face Hub is unreachable; checkpoints stay local"
@@ -310,7 +311,7 @@ def test_failed_push_keeps_the_folder_and_says_where(tmp_path, monkeypatch, capl
     for name, content in files.items():
         (folder / name).write_bytes(content)
     monkeypatch.setattr(huggingface_hub, "HfApi", UnreachableHub)
-    caplog.set_level(logging.INFO, logger="alignment.integrations")
+    caplog.set_level(logging.INFO, logger="alignment.run.integrations")
 
     assert push_folder(folder, "someone/x", token="hf_fake") is False
     assert len(caplog.records) == 1
@@ -334,11 +335,11 @@ def no_wandb_credentials(monkeypatch, tmp_path):
 
 
 def wandb_warnings(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == "alignment.integrations"]
+    return [r.getMessage() for r in caplog.records if r.name == "alignment.run.integrations"]
 
 
 def test_wandb_without_api_key_logs_offline(no_wandb_credentials, caplog):
-    caplog.set_level(logging.WARNING, logger="alignment.integrations")
+    caplog.set_level(logging.WARNING, logger="alignment.run.integrations")
     prepare_wandb(["none"])
     assert "WANDB_MODE" not in os.environ and not caplog.records
     prepare_wandb(["wandb"])
@@ -352,7 +353,7 @@ def test_wandb_with_a_key_but_no_server_logs_offline(no_wandb_credentials, tmp_p
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: connection refused
     (tmp_path / ".netrc").write_text("machine 127.0.0.1\n  login user\n  password fake-key\n")
     (tmp_path / ".netrc").chmod(0o600)
-    caplog.set_level(logging.WARNING, logger="alignment.integrations")
+    caplog.set_level(logging.WARNING, logger="alignment.run.integrations")
     prepare_wandb(["all"])
     assert os.environ["WANDB_MODE"] == "offline"
     messages = wandb_warnings(caplog)
@@ -362,7 +363,7 @@ def test_wandb_with_a_key_but_no_server_logs_offline(no_wandb_credentials, tmp_p
 def test_sft_run_reporting_to_wandb_without_api_key(no_wandb_credentials, data, tmp_path, caplog):
     import wandb
 
-    caplog.set_level(logging.WARNING, logger="alignment.integrations")
+    caplog.set_level(logging.WARNING, logger="alignment.run.integrations")
     out = tmp_path / "wandb-run"
     faulthandler.dump_traceback_later(300, exit=True)  # a hang fails the session instead of stalling it
     try:

@@ -1,6 +1,5 @@
 """Figures of a run from synthetic trainer_state.json files: the right PNGs, valid, and clear errors."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -10,7 +9,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from alignment.plotting import load_log_history, plot_run
+from alignment.evaluation.plotting import load_log_history, main, plot_run
 
 PLOT_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plot.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -129,14 +128,6 @@ def test_missing_state_is_a_clear_error(tmp_path):
         plot_run(tmp_path / "nope")
 
 
-def load_script():
-    """scripts/plot.py as a module, to call main() in-process: a subprocess pays seconds for importing torch."""
-    spec = importlib.util.spec_from_file_location("plot_script", PLOT_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_script_fails_in_one_line_without_state_file(tmp_path):
     result = subprocess.run([sys.executable, str(PLOT_SCRIPT), str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 1
@@ -147,14 +138,14 @@ def test_script_fails_in_one_line_without_state_file(tmp_path):
 
 
 def test_script_fails_in_one_line_without_run_folder(tmp_path, capsys):
-    assert load_script().main([str(tmp_path / "nope")]) == 1
+    assert main([str(tmp_path / "nope")]) == 1
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1 and "nope" in err
 
 
 def test_script_prints_one_line_per_file(tmp_path, capsys):
     run = write_state(tmp_path / "run", dpo_history())
-    assert load_script().main([str(run), "--out", str(tmp_path / "out")]) == 0
+    assert main([str(run), "--out", str(tmp_path / "out")]) == 0
     printed = [Path(line) for line in capsys.readouterr().out.splitlines()]
     assert {p.name for p in printed} == DPO_FILES
     assert all(p.is_file() and p.parent == tmp_path / "out" for p in printed)

@@ -7,8 +7,9 @@ import os
 import pytest
 import yaml
 
-from alignment.configs import DataArguments, DPOConfig, ModelArguments, SFTConfig
-from alignment.recipe import (
+from alignment.run.arguments import DataArguments, ModelArguments
+from alignment.training.configs import DPOConfig, SFTConfig
+from alignment.run.recipe import (
     RESOLVED_RECIPE,
     SECRET_KEYS,
     RecipeError,

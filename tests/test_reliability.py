@@ -27,9 +27,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from alignment.checkpoints import STAGING_PREFIX, incomplete_reason, last_complete_checkpoint, resume_checkpoint
-from alignment.cli import run_cli
-from alignment.pipeline import run_dpo, run_sft
+from alignment.training.checkpoints import STAGING_PREFIX, incomplete_reason, last_complete_checkpoint, resume_checkpoint
+from alignment.run.cli import run_cli
+from alignment.run.pipeline import run_dpo, run_sft
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 64}
@@ -177,9 +177,9 @@ def crashed(tmp_path_factory):
 
 
 def resume(stage, recipe, out, caplog, *extra, checkpoint="true"):
-    caplog.set_level(logging.INFO, logger="alignment.checkpoints")
+    caplog.set_level(logging.INFO, logger="alignment.training.checkpoints")
     run_cli(RUN[stage], [recipe, "--output_dir", str(out), f"--resume_from_checkpoint={checkpoint}", *extra])
-    messages = [r.getMessage() for r in caplog.records if r.name == "alignment.checkpoints"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "alignment.training.checkpoints"]
     resumed = [m for m in messages if m.startswith("resuming from")]
     assert len(resumed) == 1, messages
     return int(re.search(r"checkpoint-(\d+)$", resumed[0]).group(1))
@@ -256,10 +256,10 @@ def test_crash_while_writing_a_checkpoint_and_damaged_checkpoints(tmp_path, capl
     weights_file = damaged / "checkpoint-4" / "model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:-100])
     caplog.clear()
-    caplog.set_level(logging.WARNING, logger="alignment.checkpoints")
+    caplog.set_level(logging.WARNING, logger="alignment.training.checkpoints")
     assert resume("sft", recipes["sft"], damaged, caplog, *args) == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
-                and r.name == "alignment.checkpoints"]
+                and r.name == "alignment.training.checkpoints"]
     assert warnings == [
         f"skipping incomplete checkpoint {damaged / 'checkpoint-6'} (no trainer_state.json)",
         f"skipping incomplete checkpoint {damaged / 'checkpoint-4'} (model.safetensors is truncated)",
@@ -321,8 +321,8 @@ def test_resume_argument_resolution(tmp_path):
 @pytest.mark.parametrize(("stage", "poison"), [("sft", float("nan")), ("dpo", float("inf"))])
 def test_non_finite_loss_stops_before_the_update_and_names_the_rows(stage, poison, tmp_path, capsys, monkeypatch,
                                                                     offline):
-    from alignment.tokenizer import load_tokenizer
-    from alignment.trainers import DPOTrainer, SFTTrainer
+    from alignment.modeling.tokenizer import load_tokenizer
+    from alignment.training import DPOTrainer, SFTTrainer
 
     trainer_class = SFTTrainer if stage == "sft" else DPOTrainer
     compute_loss = trainer_class.compute_loss

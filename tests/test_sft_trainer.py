@@ -7,8 +7,8 @@ import pytest
 import torch
 import trl
 
-from alignment.configs import SFTConfig
-from alignment.trainers import PackedDocumentsCollator, SFTTrainer
+from alignment.training.configs import SFTConfig
+from alignment.training import PackedDocumentsCollator, SFTTrainer
 from tests.conftest import tiny_causal_lms
 
 EOS = 50256

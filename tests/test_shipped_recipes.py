@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from alignment.configs import DataArguments, DPOConfig, ModelArguments, SFTConfig
-from alignment.recipe import parse_recipe
+from alignment.run.arguments import DataArguments, ModelArguments
+from alignment.training.configs import DPOConfig, SFTConfig
+from alignment.run.recipe import parse_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").rglob("*.yaml"))
 

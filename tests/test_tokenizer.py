@@ -1,4 +1,4 @@
-"""Tests for alignment.tokenizer: they need PyPI (once per machine) but never the Hugging Face Hub."""
+"""Tests for alignment.modeling.tokenizer: they need PyPI (once per machine) but never the Hugging Face Hub."""
 
 import base64
 import hashlib
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from alignment.tokenizer import (
+from alignment.modeling.tokenizer import (
     VOCAB_BPE_SHA256,
     TokenizerUnavailableError,
     build_gpt2_tokenizer,
@@ -128,7 +128,7 @@ def _assert_says_how_to_fix(error: TokenizerUnavailableError) -> None:
     message = str(error)
     assert "\n" not in message
     assert "local tokenizer folder" in message
-    assert "python -m alignment.tokenizer --save DIR" in message
+    assert "python -m alignment.modeling.tokenizer --save DIR" in message
     assert "save_pretrained(DIR)" in message
 
 
@@ -163,7 +163,7 @@ def test_cli_saves_a_loadable_folder(tokenizer_dir, cache_dir, tmp_path):
     out = tmp_path / "saved"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ALIGNMENT_CACHE": str(cache_dir)}
     result = subprocess.run(
-        [sys.executable, "-m", "alignment.tokenizer", "--save", str(out)],
+        [sys.executable, "-m", "alignment.modeling.tokenizer", "--save", str(out)],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

@@ -1,10 +1,12 @@
-"""Our GPT-2 and its attention kernel. `attention.py`, `configuration_gpt2.py` and `modeling_gpt2.py` are
-self-contained (torch and transformers only) because they travel with saved checkpoints."""
+"""The model: our GPT-2, its attention kernel, official-checkpoint conversion, the tokenizer, and model loading.
+May import `alignment.common` only. `attention.py`, `configuration_gpt2.py` and `modeling_gpt2.py` import nothing
+but torch and transformers, because they travel with saved checkpoints as remote code."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .attention import attention, build_visibility_mask, reference_attention, sdpa_attention
 from .configuration_gpt2 import GPT2_SIZES, AlignmentGPT2Config
+from .conversion import register_gpt2_conversion
 from .hf_attention import ATTN_IMPLEMENTATION, register_with_transformers
 from .modeling_gpt2 import AlignmentGPT2ForCausalLM, AlignmentGPT2Model, AlignmentGPT2PreTrainedModel
 
@@ -31,6 +33,7 @@ __all__ = [
     "build_visibility_mask",
     "reference_attention",
     "register_auto_classes",
+    "register_gpt2_conversion",
     "register_with_transformers",
     "sdpa_attention",
 ]

@@ -14,26 +14,6 @@ GPT2_SIZES: dict[str, dict[str, int]] = {
     "gpt2-xl": {"n_layer": 48, "n_head": 25, "n_embd": 1600},  # 1558M
 }
 
-# Fields a transformers `GPT2Config` shares with ours; everything else in it is ignored on conversion.
-SHARED_GPT2_FIELDS = (
-    "vocab_size",
-    "n_positions",
-    "n_embd",
-    "n_layer",
-    "n_head",
-    "n_inner",
-    "embd_pdrop",
-    "attn_pdrop",
-    "resid_pdrop",
-    "layer_norm_epsilon",
-    "initializer_range",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "tie_word_embeddings",
-)
-
-
 class AlignmentGPT2Config(PreTrainedConfig):
     r"""
     Args:
@@ -91,17 +71,6 @@ class AlignmentGPT2Config(PreTrainedConfig):
             raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {presets}")
         dropout = 0.2 if variant == "dropout" else 0.0
         fields = {**GPT2_SIZES[size], "embd_pdrop": dropout, "attn_pdrop": dropout, "resid_pdrop": dropout}
-        return cls(**{**fields, **overrides})
-
-    @classmethod
-    def from_gpt2_config(cls, gpt2_config: dict[str, Any], **overrides: Any) -> AlignmentGPT2Config:
-        """Convert the config.json of a transformers GPT-2 checkpoint (model_type "gpt2")."""
-        if gpt2_config.get("activation_function", "gelu_new") != "gelu_new":
-            raise ValueError("only GPT-2 checkpoints with the tanh-GELU ('gelu_new') activation can be converted")
-        for unsupported in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
-            if gpt2_config.get(unsupported):
-                raise ValueError(f"GPT-2 checkpoints with {unsupported}=True cannot be converted")
-        fields = {k: gpt2_config[k] for k in SHARED_GPT2_FIELDS if k in gpt2_config}
         return cls(**{**fields, **overrides})
 
 

@@ -3,7 +3,7 @@
 The layout follows the paper and the official checkpoints: learned position embeddings, pre-LayerNorm blocks with a
 tanh-GELU MLP, a final LayerNorm and an LM head tied to the token embeddings. Parameter names match transformers'
 GPT-2 (`transformer.h.N.attn.c_attn`, ...) but every projection is an `nn.Linear`; official checkpoints store them as
-`Conv1D` (transposed) and are converted on load by `from_pretrained`.
+`Conv1D` (transposed) and are converted on load by `from_pretrained` (`conversion.py`, which stays in the package).
 
 Two details matter for preference training:
 
@@ -17,9 +17,7 @@ saved checkpoint, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Any
 
 import torch
@@ -31,7 +29,6 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import cached_file
 
 from .attention import attend, build_visibility_mask, is_causal_only
 from .configuration_gpt2 import AlignmentGPT2Config
@@ -157,94 +154,6 @@ class AlignmentGPT2PreTrainedModel(PreTrainedModel):
     def attention_implementation(self) -> str:
         """Our kernel's path for transformers' `attn_implementation`: "eager" is the literal formula."""
         return "reference" if self.config._attn_implementation == "eager" else "auto"
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any):
-        """Load our own checkpoints as usual, and official GPT-2 checkpoints (model_type "gpt2") by conversion."""
-        if kwargs.get("config") is None and not model_args:
-            gpt2_config = _read_config_if_gpt2(pretrained_model_name_or_path, kwargs)
-            if gpt2_config is not None:
-                return cls._from_gpt2_checkpoint(pretrained_model_name_or_path, gpt2_config, **kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-
-    @classmethod
-    def _from_gpt2_checkpoint(cls, name_or_path: str | os.PathLike, gpt2_config: dict[str, Any], **kwargs: Any):
-        hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
-        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
-        device_map = kwargs.pop("device_map", None)
-        kwargs.pop("trust_remote_code", None)
-        attn_implementation = kwargs.pop("attn_implementation", None)
-        config = AlignmentGPT2Config.from_gpt2_config(gpt2_config, **kwargs)
-        config._name_or_path = str(name_or_path)
-        if attn_implementation is not None:
-            config._attn_implementation = attn_implementation
-        model = cls(config)
-        state_dict = convert_gpt2_state_dict(load_checkpoint_tensors(name_or_path, hub_kwargs))
-        if not hasattr(model, cls.base_model_prefix):  # the bare backbone has no "transformer." prefix
-            prefix = cls.base_model_prefix + "."
-            state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
-        model.load_state_dict(state_dict, strict=False, assign=False)
-        missing = set(model.state_dict()) - set(state_dict) - {"lm_head.weight"}
-        if missing:
-            raise ValueError(f"{name_or_path} is missing GPT-2 weights: {sorted(missing)[:5]}")
-        model.tie_weights()
-        if dtype is not None and dtype != "auto":
-            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        if device_map is not None:
-            if not isinstance(device_map, (str, torch.device)) or device_map == "auto":
-                raise ValueError("converting a GPT-2 checkpoint supports device_map only as a single device, e.g. 'cuda'")
-            model = model.to(device_map)
-        return model.eval()
-
-
-HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def _read_config_if_gpt2(name_or_path: str | os.PathLike, kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-    config_file = cached_file(name_or_path, "config.json", **hub_kwargs)
-    with open(config_file, encoding="utf-8") as f:
-        raw = json.load(f)
-    return raw if raw.get("model_type") == "gpt2" else None
-
-
-def load_checkpoint_tensors(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """All tensors of a transformers checkpoint: safetensors (single or sharded) first, else a weights-only .bin."""
-    from safetensors.torch import load_file
-
-    quiet = {"_raise_exceptions_for_missing_entries": False, **hub_kwargs}
-    single = cached_file(name_or_path, "model.safetensors", **quiet)
-    if single is not None:
-        return load_file(single)
-    index = cached_file(name_or_path, "model.safetensors.index.json", **quiet)
-    if index is not None:
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            tensors.update(load_file(cached_file(name_or_path, shard, **hub_kwargs)))
-        return tensors
-    legacy = cached_file(name_or_path, "pytorch_model.bin", **quiet)
-    if legacy is not None:
-        return torch.load(legacy, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin found in {name_or_path}")
-
-
-def convert_gpt2_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename and transpose transformers-GPT-2 tensors into our layout (Conv1D stores weights as (in, out))."""
-    converted = {}
-    for name, tensor in tensors.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")):  # old causal-mask buffers, not weights
-            continue
-        if name == "lm_head.weight":  # tied to the token embeddings
-            continue
-        if not name.startswith("transformer."):
-            name = "transformer." + name  # checkpoints saved from the bare GPT2Model
-        if name.endswith(CONV1D_WEIGHTS):
-            tensor = tensor.t().contiguous()
-        converted[name] = tensor
-    return converted
 
 
 class AlignmentGPT2Model(AlignmentGPT2PreTrainedModel):

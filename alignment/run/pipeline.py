@@ -1,0 +1,294 @@
+"""What `scripts/run_sft.py` and `scripts/run_dpo.py` do, top to bottom, for one `Stage` (SFT or DPO):
+
+    parse the recipe              → model, data and training arguments, with this machine's defaults
+    prepare the run               → logging, seed, wandb, the Hub, the output folder (never overwritten by accident)
+    load the model and tokenizer  → checked against each other and against max_length
+    load the data                 → bad rows dropped and counted; a held-out split
+    build the trainer             → ours: TRL's loop with our log-probs, losses and safety
+    train, save, push             → weights, tokenizer, model code, resolved recipe, metrics, card, curves
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import set_seed
+from trl import get_peft_config
+
+from ..common import first_line
+from ..data import DataFormatError, load_preference_dataset, load_sft_dataset
+from ..modeling.loading import load_model_and_tokenizer
+from ..training import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from ..training.checkpoints import check_output_dir, resume_checkpoint
+from .arguments import DataArguments, ModelArguments
+from .integrations import hub_push_possible, prepare_wandb, push_folder
+from .recipe import parse_recipe, save_resolved_recipe
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training method as the pipeline runs it."""
+
+    name: str  # "SFT" or "DPO": the model card's method line
+    config_class: type
+    trainer_class: type
+    load_data: Callable[[DataArguments, Any, Any], Any]  # (data arguments, training config, tokenizer) -> splits
+
+
+def sft_data(data_args: DataArguments, args: SFTConfig, tokenizer: Any) -> Any:
+    """SFT text, or prompt/completion pairs with `completion_only_loss`."""
+    return load_data(
+        load_sft_dataset, data_args.specs(), completion_only=bool(args.completion_only_loss), **split_settings(data_args, args)
+    )
+
+
+def preference_data(data_args: DataArguments, args: DPOConfig, tokenizer: Any) -> Any:
+    """Preference pairs whose prompts fit the length budget (default: max_length - 1 tokens)."""
+    prompt_budget = data_args.max_prompt_length or (args.max_length - 1 if args.max_length else None)
+    return load_data(
+        load_preference_dataset,
+        data_args.specs(),
+        tokenizer=tokenizer if prompt_budget else None,
+        max_prompt_length=prompt_budget,
+        **split_settings(data_args, args),
+    )
+
+
+SFT = Stage("SFT", SFTConfig, SFTTrainer, sft_data)
+DPO = Stage("DPO", DPOConfig, DPOTrainer, preference_data)
+
+
+def run(stage: Stage, argv: list[str]) -> Path:
+    """Train one stage from a recipe and command-line overrides; returns the output folder."""
+    model_args, data_args, args = parse_recipe((ModelArguments, DataArguments, stage.config_class), argv)
+    wants_push = prepare_run(args)
+    resume = prepare_output(args)
+    model, tokenizer = load_model_and_tokenizer(
+        model_args.model_name_or_path, tokenizer_name_or_path=model_args.tokenizer_name_or_path,
+        max_length=args.max_length, **model_loading(model_args, args.trust_remote_code),
+    )
+    check_lora_targets(model, model_args)
+    data = stage.load_data(data_args, args, tokenizer)
+    with hub_token_kept_out(args) as hub_token:
+        trainer = stage.trainer_class(
+            model,
+            args=args,
+            train_dataset=data["train"],
+            eval_dataset=data["test"] if args.eval_strategy != "no" and len(data["test"]) else None,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+        )
+        output_dir = train_and_save(trainer, model_args, data_args, args, stage, resume=resume)
+        if wants_push and trainer.is_world_process_zero():
+            push_folder(output_dir, args.hub_model_id or output_dir.name, token=hub_token)
+        trainer.accelerator.wait_for_everyone()
+    return output_dir
+
+
+def run_sft(argv: list[str]) -> Path:
+    return run(SFT, argv)
+
+
+def run_dpo(argv: list[str]) -> Path:
+    return run(DPO, argv)
+
+
+def model_loading(model_args: ModelArguments, trust_remote_code: bool) -> dict[str, Any]:
+    """The recipe's model settings as `alignment.modeling.loading.load_model` takes them."""
+    return {
+        "config_name": model_args.model_config,
+        "config_overrides": model_args.model_config_overrides,
+        "revision": model_args.model_revision,
+        "dtype": model_args.dtype,
+        "attn_implementation": model_args.attn_implementation,
+        "implementation": model_args.model_implementation,
+        "trust_remote_code": trust_remote_code,
+    }
+
+
+def split_settings(data_args: DataArguments, args: Any) -> dict[str, Any]:
+    return {"seed": args.seed, "test_size": held_out_size(data_args.test_size)}
+
+
+def resume_argument(value: str | None) -> str | bool | None:
+    """`--resume_from_checkpoint=true` resumes from the newest checkpoint; a path resumes from that one."""
+    if value is None or str(value).lower() in ("false", "no", "0", ""):
+        return None
+    return True if str(value).lower() in ("true", "yes", "1") else value
+
+
+def held_out_size(test_size: float) -> float | int:
+    """`test_size` below 1 is a share of the rows, from 1 up a row count: the recipe field is a float, and
+    `datasets` takes a count only as an int (`test_size: 20` would otherwise fail as 20.0)."""
+    return int(test_size) if test_size >= 1 else test_size
+
+
+def prepare_run(args: Any) -> bool:
+    """Set up logging integrations before the trainer exists; returns whether to push to the Hub at the end.
+
+    With an unreachable Hub, `push_to_hub` is switched off for the whole run (the Trainer would otherwise fail at
+    init creating the repository); else the Trainer pushes checkpoints while it trains, and the final push is ours
+    (`train_and_save`), after the model card exists."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    prepare_wandb(args.report_to)
+    if args.push_to_hub and not hub_push_possible():
+        args.push_to_hub = False
+    return bool(args.push_to_hub)
+
+
+def prepare_output(args: Any) -> str | None:
+    """Before anything loads: the output folder is usable and a saved run is never overwritten by accident
+    (only with `overwrite_output_dir`, or when resuming); returns the checkpoint folder to resume from, if any."""
+    resume = resume_argument(args.resume_from_checkpoint)
+    check_output_dir(
+        args.output_dir,
+        overwrite=args.overwrite_output_dir,
+        resuming=resume is not None,
+        clean_stale=args.should_save,
+    )
+    return resume_checkpoint(resume, args.output_dir)
+
+
+def check_lora_targets(model: Any, model_args: ModelArguments) -> None:
+    """Every LoRA target must name modules of the model (PEFT ignores a misspelt one as long as another matches).
+    A list holds module names (or dotted suffixes); a single string is a regular expression, as in PEFT."""
+    targets = model_args.lora_target_modules
+    if not model_args.use_peft or not targets or targets == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    if isinstance(targets, str):
+        missing = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    else:
+        missing = [t for t in targets if t != "all-linear" and not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _is_linear(m)})
+        raise ValueError(
+            f"lora_target_modules {missing} match no module of the model; its linear layers are named: "
+            f"{', '.join(linear)}"
+        )
+
+
+def _is_linear(module: Any) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def load_data(loader: Any, specs: list[dict[str, Any]], **kwargs: Any) -> Any:
+    """`loader(specs, ...)`, with one clear line for what the data libraries report badly (an empty file is a bare
+    StopIteration, a malformed one "An error occurred while generating the dataset")."""
+    names = ", ".join(str(spec.get("path")) for spec in specs)
+    for spec in specs:
+        path = Path(str(spec.get("path", ""))).expanduser()
+        if path.is_file() and path.stat().st_size == 0:
+            raise DataFormatError(f"{spec['path']} is empty")
+    try:
+        return loader(specs, **kwargs)
+    except (DataFormatError, ValueError, TypeError):  # ours, and the specs' own checks: already one clear line
+        raise
+    except StopIteration:
+        raise DataFormatError(f"{names}: no rows to read") from None
+    except Exception as error:
+        detail = first_line(error)
+        cause = error.__cause__ or error.__context__
+        if type(error).__name__ == "DatasetGenerationError" and cause is not None:  # says nothing by itself
+            detail += f": {first_line(cause)}"
+        raise DataFormatError(f"cannot load the data {names}: {detail}") from error
+
+
+@contextlib.contextmanager
+def hub_token_kept_out(args: Any) -> Iterator[str | None]:
+    """Keep the Hub token out of everything the Trainer saves (it pickles its arguments into training_args.bin):
+    while it trains, the token is only in the environment, where huggingface_hub finds it; returned for the push."""
+    token = args.hub_token
+    if not token:
+        yield None
+        return
+    args.hub_token = None
+    previous = os.environ.get("HF_TOKEN")
+    if args.push_to_hub:  # the Trainer's own pushes during training
+        os.environ["HF_TOKEN"] = token
+    try:
+        yield token
+    finally:
+        args.hub_token = token
+        if previous is None:
+            os.environ.pop("HF_TOKEN", None)
+        else:
+            os.environ["HF_TOKEN"] = previous
+
+
+def train_and_save(trainer, model_args, data_args, args, stage: Stage, resume: str | None = None) -> Path:
+    """Train (resuming if asked), evaluate, and save the final model with everything a user needs beside it."""
+    output_dir = Path(args.output_dir)
+    if trainer.is_world_process_zero():  # one writer: processes writing it at once race on recipe.yaml.tmp
+        save_resolved_recipe(output_dir, model_args, data_args, args)
+    result = trainer.train(resume_from_checkpoint=resume)  # a signal: TrainingInterrupted, after a checkpoint
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    trainer.save_state()
+    trainer.args.push_to_hub = False  # else save_model pushes by itself, before the card exists; ours comes after
+    trainer.save_model(str(output_dir))  # on every process: with FSDP or ZeRO-3, gathering the weights is collective
+    if trainer.is_world_process_zero():
+        save_run(trainer, model_args, data_args, output_dir, stage.name)
+    return output_dir
+
+
+def save_run(trainer, model_args: ModelArguments, data_args: DataArguments, output_dir: Path, method: str) -> None:
+    """Everything a user (or the Hub) needs next to the weights (saved by then): merged LoRA model, card, curves."""
+    if model_args.use_peft and model_args.merge_adapter_on_save:
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        merged.save_pretrained(output_dir / "merged")
+        trainer.processing_class.save_pretrained(output_dir / "merged")
+    datasets = [spec["path"] for spec in data_args.specs()]
+    trainer.create_model_card(model_name=output_dir.name, dataset_name=", ".join(datasets))
+    plots = draw_curves(output_dir)
+    append_results_to_card(output_dir, method, model_args, datasets, plots)
+
+
+def draw_curves(output_dir: Path) -> list[Path]:
+    try:
+        from ..evaluation.plotting import plot_run
+    except ImportError:
+        return []
+    try:
+        return plot_run(output_dir)
+    except Exception as error:  # a figure must never cost a finished run
+        logger.warning("could not draw the training curves: %s", error)
+        return []
+
+
+def append_results_to_card(
+    output_dir: Path, method: str, model_args: ModelArguments, datasets: list[str], plots: list[Path]
+) -> None:
+    """Add what was trained, on what, the final metrics and the curves to TRL's model card."""
+    base_model = model_args.model_name_or_path or f"{model_args.model_config} (random initialisation)"
+    lines = ["", "## Training run", "", f"- method: {method}", f"- base model: {base_model}"]
+    lines += [f"- data: {', '.join(datasets)}", "- recipe: [`recipe.yaml`](recipe.yaml)", ""]
+    for split in ("train", "eval"):
+        path = output_dir / f"{split}_results.json"
+        if path.exists():
+            metrics = json.loads(path.read_text())
+            lines += [f"### Final {split} metrics", "", "| metric | value |", "| --- | --- |"]
+            lines += [f"| {key} | {value:.4g} |" for key, value in metrics.items() if isinstance(value, (int, float))]
+            lines.append("")
+    if plots:
+        lines += ["### Curves", ""] + [f"![{p.stem}]({p.relative_to(output_dir).as_posix()})" for p in plots] + [""]
+    card = output_dir / "README.md"
+    with open(card, "a", encoding="utf-8") as f:
+        f.write("\n".join(lines))

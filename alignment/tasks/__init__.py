@@ -1,1 +1,0 @@
-"""Small synthetic tasks whose answers can be checked exactly, for offline demos and tests."""

@@ -1,0 +1,90 @@
+"""TRL's SFT and DPO configs, extended with the fields our trainers read; documented like TRL's own.
+
+Machine-dependent defaults (bf16 only where a bf16 GPU is, CPU process groups) are not set here: `alignment.run`
+gives them to the recipe parser once, so these classes behave exactly like TRL's when built from Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import trl
+
+from .losses import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
+
+
+@dataclass
+class SFTConfig(trl.SFTConfig):
+    """TRL's SFT config with the assignment's defaults: fixed-length windows cut from EOS-separated dialogues.
+
+    With `packing_strategy: wrapped` our collator restarts positions after every end-of-text token, so the
+    documents sharing a window never attend to each other (`alignment.training.sft.PackedDocumentsCollator`).
+    """
+
+    packing: bool = field(default=True, metadata={"help": "Pack documents into rows of `max_length` tokens."})
+    packing_strategy: str = field(
+        default="wrapped",
+        metadata={
+            "help": "'wrapped': concatenate and cut into fixed-length windows (the assignment); 'bfd': whole "
+            "documents packed best-fit.",
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir that already holds one (its checkpoints are deleted)."},
+    )
+
+
+@dataclass
+class DPOConfig(trl.DPOConfig):
+    """TRL's DPO config; the losses are ours (`alignment.training.losses`)."""
+
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": f"Preference loss, one of {list(LOSS_TYPES)}; several are summed with `loss_weights`."},
+    )
+    rpo_alpha: float | None = field(
+        default=None, metadata={"help": "RPO: add this weight × the NLL of the chosen replies to the loss."}
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin γ."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir that already holds one (its checkpoints are deleted)."},
+    )
+    ref_logps_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "With precompute_ref_log_probs: where reference log-probs are kept between runs, keyed by the "
+            "data and the reference weights (default: ~/.cache/alignment/reference_logps)."
+        },
+    )
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={
+            "help": "Run each pair as one packed sequence [prompt, chosen, rejected]: the prompt is computed once and "
+            "no padding between pairs. Same log-probs as separate rows; needs a model that takes 4D attention masks."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"unknown loss_type {unknown}; choose from {list(LOSS_TYPES)}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0 (got {self.beta}); the DPO paper uses 0.1")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5) (got {self.label_smoothing})")
+        unsupported = {
+            "ld_alpha": self.ld_alpha is not None,
+            "use_weighting": self.use_weighting,
+            "f_divergence_type": self.f_divergence_type != "reverse_kl",
+            "sync_ref_model": self.sync_ref_model,
+        }
+        if any(unsupported.values()):
+            names = [name for name, is_set in unsupported.items() if is_set]
+            raise ValueError(f"{names} are TRL options our DPO trainer does not implement; unset them")
+
+    @property
+    def reference_free(self) -> bool:
+        return all(t in REFERENCE_FREE_LOSS_TYPES for t in self.loss_type)

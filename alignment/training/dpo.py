@@ -1,0 +1,203 @@
+"""Direct Preference Optimization: TRL's `DPOTrainer` with the log-prob and loss computations owned here.
+
+A reply's log-probability is the sum, over the reply's tokens only, of log_softmax(logits)[true next token]
+(the assignment's eq. 10; the prompt's terms would cancel in the loss). The losses are in `losses.py`.
+
+TRL provides the rest: tokenisation, precomputed reference log-probs, PEFT, distributed training and logging. Our
+changes beyond the computation:
+
+* batches share each prompt between its two replies and pack pairs without padding (`shared_prefix.py`);
+  `prefix_sharing: false` gives TRL's layout, [chosen rows; rejected rows], each padded;
+* with no reference model given, the reference is a frozen copy of the starting policy (TRL would reload it by name,
+  which fails for a model built in memory); with LoRA it is the base model with the adapter disabled;
+* reference-free losses (SimPO) keep no reference at all;
+* it is safe to stop and stops on a non-finite loss (`SafeTrainingMixin`), whether run from a script or Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+import trl
+from accelerate.utils import is_peft_model
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from ..modeling.tokenizer import ensure_pad_token
+from .configs import DPOConfig
+from .logprobs import IGNORE_INDEX, add_logprob_head
+from .losses import PreferenceLoss, ReplyLogps, preference_loss
+from .reference_cache import cache_path, load_reference_logps, save_reference_logps, token_ids_digest
+from .safety import SafeTrainingMixin
+from .shared_prefix import SharedPrefixPreferenceCollator
+
+logger = logging.getLogger(__name__)
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The reference policy: a copy of the starting policy, in eval mode, with no gradients."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+@dataclass
+class ScoredTokens:
+    """The log-probs of every reply token of a batch, with the pair and reply each belongs to."""
+
+    logps: torch.Tensor  # (N,)
+    pairs: torch.Tensor  # (N,) pair index
+    rejected: torch.Tensor  # (N,) True for rejected-reply tokens
+    num_pairs: int
+
+    def reply_logps(self) -> ReplyLogps:
+        """Per-pair sums and lengths of the chosen and rejected replies."""
+        slot = self.rejected.long() * self.num_pairs + self.pairs
+        sums = self.logps.new_zeros(2 * self.num_pairs).index_add(0, slot, self.logps)
+        lengths = torch.bincount(slot, minlength=2 * self.num_pairs)
+        return ReplyLogps(*sums.chunk(2), *lengths.chunk(2))
+
+    def chosen_nll(self) -> torch.Tensor:
+        """Mean negative log-likelihood of the chosen reply tokens (RPO's extra term)."""
+        chosen = self.logps[~self.rejected]
+        return -chosen.sum() / max(chosen.numel(), 1)
+
+
+class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
+    """TRL's DPO trainer; see the module docstring for what is ours, and `SafeTrainingMixin` for its safety."""
+
+    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *, peft_config=None, data_collator=None,
+                 processing_class=None, **kwargs):
+        if args is None:
+            raise ValueError("pass a DPOConfig (alignment.training.DPOConfig)")
+        uses_adapter = peft_config is not None or is_peft_model(model)
+        builds_reference = not (uses_adapter or args.precompute_ref_log_probs or isinstance(model, str))
+        if ref_model is None and builds_reference:
+            ref_model = frozen_copy(model)
+        # TRL may compute reference log-probs inside its __init__, so the heads go on first (and under any adapter)
+        for module in (model, ref_model):
+            if isinstance(module, torch.nn.Module):
+                add_logprob_head(module.get_base_model() if is_peft_model(module) else module)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if data_collator is None and args.prefix_sharing:
+            data_collator = SharedPrefixPreferenceCollator(ensure_pad_token(tokenizer).pad_token_id, args.max_length)
+        super().__init__(model, ref_model, args, peft_config=peft_config, data_collator=data_collator,
+                         processing_class=processing_class, **kwargs)
+        if args.reference_free:
+            self.ref_model = None
+        add_logprob_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+
+    # --- log-probs -----------------------------------------------------------------------------------------------
+
+    def scored_tokens(self, model, inputs) -> ScoredTokens:
+        """Log-probs of all reply tokens, from either batch layout."""
+        if "score_targets" in inputs:  # shared prefix, packed
+            logps = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                position_ids=inputs["position_ids"], score_positions=inputs["score_positions"],
+                score_targets=inputs["score_targets"], token_logps=True,
+            )
+            return ScoredTokens(logps, inputs["score_pairs"], inputs["score_rejected"], int(inputs["num_pairs"]))
+        # TRL's layout: rows [chosen; rejected], prompt repeated, right-padded
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
+        token_logps = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels, token_logps=True
+        )
+        scored = labels[:, 1:] != IGNORE_INDEX
+        rows = scored.nonzero()[:, 0]
+        num_pairs = inputs["input_ids"].size(0) // 2
+        return ScoredTokens(token_logps[scored], rows % num_pairs, rows >= num_pairs, num_pairs)
+
+    def reference_context(self):
+        """No gradients, no checkpointing; with LoRA and no reference model, the adapter is switched off."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs))
+        if self.ref_model is None and is_peft_model(self.model):
+            peft_model = self.accelerator.unwrap_model(self.model)
+            stack.enter_context(use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None))
+        return stack
+
+    def reference_logps(self, inputs, policy: ReplyLogps) -> ReplyLogps:
+        if "ref_chosen_logps" in inputs:  # precomputed once before training
+            return ReplyLogps(
+                inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], policy.chosen_length, policy.rejected_length
+            )
+        with self.reference_context():
+            model = self.ref_model if self.ref_model is not None else self.model
+            return self.scored_tokens(model, inputs).reply_logps()
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's one pass of the reference over the data, kept on disk: a second run with the same data and
+        reference reads it back instead (see `reference_cache.py`)."""
+        path = cache_path(
+            self.args.ref_logps_cache_dir, token_ids_digest(dataset), self._precompute_model_hash,
+            self.args.max_length, self.args.prefix_sharing,
+        )
+        if path.exists():
+            logger.info("reference log-probs of the %s data read from %s", name, path)
+            chosen, rejected = load_reference_logps(path)
+            return dataset.add_column("ref_chosen_logps", chosen.numpy()).add_column("ref_rejected_logps", rejected.numpy())
+        dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+        if self.accelerator.is_main_process:
+            columns = dataset.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).with_format("torch")[:]
+            save_reference_logps(path, columns["ref_chosen_logps"], columns["ref_rejected_logps"])
+        self.accelerator.wait_for_everyone()
+        return dataset
+
+    def compute_ref_log_probs(self, model, inputs):
+        """TRL's hook for `precompute_ref_log_probs`: summed reference log-probs of the chosen and rejected replies."""
+        with self.reference_context():
+            logps = self.scored_tokens(model, inputs).reply_logps()
+        return logps.chosen, logps.rejected
+
+    # --- loss ----------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs, return_outputs=False):
+        mode = "train" if self.model.training else "eval"
+        scored = self.scored_tokens(model, inputs)
+        policy = scored.reply_logps()
+        reference = None if self.args.reference_free else self.reference_logps(inputs, policy)
+
+        weights = self.args.loss_weights or [1.0] * len(self.args.loss_type)
+        terms = [
+            preference_loss(
+                policy,
+                reference,
+                beta=self.beta,
+                loss_type=loss_type,
+                label_smoothing=self.args.label_smoothing,
+                simpo_gamma=self.args.simpo_gamma,
+            )
+            for loss_type in self.args.loss_type
+        ]
+        loss = sum(weight * term.loss for weight, term in zip(weights, terms, strict=True))
+        if self.args.rpo_alpha is not None:
+            nll = scored.chosen_nll()
+            loss = loss + self.args.rpo_alpha * nll
+            self._metrics[mode]["nll_loss"].append(self.accelerator.gather_for_metrics(nll.detach()).mean().item())
+        self.record_metrics(mode, terms[0], policy, inputs)
+        if return_outputs:
+            raise ValueError("the DPO loss builds no logits to return; set prediction_loss_only=True")
+        return loss
+
+    def record_metrics(self, mode: str, result: PreferenceLoss, policy: ReplyLogps, inputs) -> None:
+        """TRL's metric names, averaged over all processes."""
+
+        def mean(values: torch.Tensor) -> float:
+            return self.accelerator.gather_for_metrics(values.detach()).float().mean().item()
+
+        self._metrics[mode]["rewards/chosen"].append(mean(result.chosen_rewards))
+        self._metrics[mode]["rewards/rejected"].append(mean(result.rejected_rewards))
+        self._metrics[mode]["rewards/accuracies"].append(mean(result.accuracy))
+        self._metrics[mode]["rewards/margins"].append(mean(result.margin))
+        self._metrics[mode]["logps/chosen"].append(mean(policy.chosen))
+        self._metrics[mode]["logps/rejected"].append(mean(policy.rejected))
+        if mode == "train":
+            tokens = inputs["num_tokens"] if "num_tokens" in inputs else inputs["attention_mask"].sum()
+            self._total_train_tokens += self.accelerator.gather_for_metrics(tokens.reshape(1)).sum().item()
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]

@@ -1,0 +1,98 @@
+"""Supervised fine-tuning: TRL's `SFTTrainer` with the assignment's objective and our log-prob head.
+
+The objective is next-token cross-entropy over the scored tokens of a batch,
+
+    loss = − Σ_t log p(x_{t+1} | x_{≤t}) / (number of scored tokens),
+
+where a token is scored when it has context in its own document: in fixed-length windows cut from EOS-separated
+dialogues, every token but the first of each document (with `completion_only_loss`, only the reply tokens).
+Documents sharing a window never attend to each other and their positions restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import trl
+from accelerate.utils import is_peft_model
+
+from ..modeling.tokenizer import ensure_pad_token
+from .logprobs import IGNORE_INDEX, add_logprob_head
+from .safety import SafeTrainingMixin
+
+
+@dataclass
+class PackedDocumentsCollator:
+    """Stack fixed-length windows of EOS-separated documents; positions restart after every EOS.
+
+    Returns `input_ids`, `position_ids` and `labels` (no attention mask: the model derives the document boundaries
+    from the restarting positions). The first token of each document has no context and is not scored; nor is
+    padding, which only the last, shorter window needs.
+    """
+
+    eos_token_id: int
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(example["input_ids"]) for example in examples)
+        input_ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        real = torch.zeros_like(input_ids, dtype=torch.bool)
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            input_ids[row, :n] = torch.tensor(example["input_ids"])
+            labels[row, :n] = torch.tensor(example.get("labels", example["input_ids"]))
+            real[row, :n] = True
+        position_ids = positions_restarting_after(input_ids, self.eos_token_id, real)
+        labels[(position_ids == 0) | ~real] = IGNORE_INDEX
+        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+def positions_restarting_after(input_ids: torch.Tensor, eos_token_id: int, real: torch.Tensor) -> torch.Tensor:
+    """Position of each token within its document; a document starts after an EOS. Padding gets position 0."""
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = input_ids[:, :-1] == eos_token_id
+    starts |= ~real
+    index = torch.arange(input_ids.size(1)).expand_as(input_ids)
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=-1).values
+    return index - start_index
+
+
+class SFTTrainer(SafeTrainingMixin, trl.SFTTrainer):
+    """TRL's SFT trainer; the loss is computed here, from log-probs taken only at scored positions. Safe to stop,
+    and stops on a non-finite loss (`SafeTrainingMixin`)."""
+
+    def __init__(self, model, args=None, data_collator=None, train_dataset=None, *, processing_class=None, **kwargs):
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if data_collator is None and args is not None and args.packing and args.packing_strategy == "wrapped":
+            if tokenizer is None:
+                raise ValueError("wrapped packing needs the tokenizer (processing_class) to find document ends")
+            data_collator = PackedDocumentsCollator(tokenizer.eos_token_id, ensure_pad_token(tokenizer).pad_token_id)
+        super().__init__(
+            model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            processing_class=processing_class, **kwargs,
+        )
+        add_logprob_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        token_logps = model(**model_inputs, labels=labels, token_logps=True)
+        scored_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
+        denominator = scored_tokens if num_items_in_batch is None else num_items_in_batch
+        loss = -token_logps.sum() / torch.as_tensor(denominator, device=token_logps.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count spans all ranks
+
+        if mode == "train":
+            tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(labels.numel())
+            self._total_train_tokens += self.accelerator.gather_for_metrics(tokens.to(labels.device)).sum().item()
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if return_outputs:
+            with torch.no_grad():
+                return loss, model(**model_inputs)
+        return loss
