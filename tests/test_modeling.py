@@ -199,6 +199,9 @@ def test_auto_classes_know_our_model(tmp_path, ours):
 def test_saved_folder_loads_with_remote_code_without_our_package(tmp_path, ours):
     folder = tmp_path / "ours"
     ours.save_pretrained(folder)
+    # the model's own code travels, the conversion of official checkpoints stays in the package
+    assert sorted(p.name for p in folder.glob("*.py")) == ["attention.py", "configuration_gpt2.py", "modeling_gpt2.py"]
+    assert "Conv1D" not in (folder / "modeling_gpt2.py").read_text().replace("`Conv1D`", "")
     ids = batch()
     with torch.no_grad():
         torch.save({"ids": ids, "logits": ours(ids).logits}, tmp_path / "expected.pt")

@@ -7,7 +7,8 @@ TRL provides the rest: tokenisation, precomputed reference log-probs, PEFT, dist
 changes beyond the computation:
 
 * batches share each prompt between its two replies and pack pairs without padding (`shared_prefix.py`);
-  `prefix_sharing: false` gives TRL's layout, [chosen rows; rejected rows], each padded;
+  `prefix_sharing: false` gives TRL's layout, [chosen rows; rejected rows], each padded, and so does a model whose
+  token mixers would not keep the replies apart (`layouts.prefix_sharing_problem`, with one log line saying why);
 * with no reference model given, the reference is a frozen copy of the starting policy (TRL would reload it by name,
   which fails for a model built in memory); with LoRA it is the base model with the adapter disabled;
 * reference-free losses (SimPO) keep no reference at all;
@@ -19,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from dataclasses import dataclass
 
 import torch
 import trl
@@ -31,6 +31,7 @@ from ..modeling.tokenizer import ensure_pad_token
 from .configs import DPOConfig
 from .logprobs import IGNORE_INDEX, add_logprob_head
 from .losses import PreferenceLoss, ReplyLogps, preference_loss
+from .layouts import ScoredTokens, prefix_sharing_problem, score_batch
 from .reference_cache import cache_path, load_reference_logps, save_reference_logps, token_ids_digest
 from .safety import SafeTrainingMixin
 from .shared_prefix import SharedPrefixPreferenceCollator
@@ -43,28 +44,6 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
     return reference
-
-
-@dataclass
-class ScoredTokens:
-    """The log-probs of every reply token of a batch, with the pair and reply each belongs to."""
-
-    logps: torch.Tensor  # (N,)
-    pairs: torch.Tensor  # (N,) pair index
-    rejected: torch.Tensor  # (N,) True for rejected-reply tokens
-    num_pairs: int
-
-    def reply_logps(self) -> ReplyLogps:
-        """Per-pair sums and lengths of the chosen and rejected replies."""
-        slot = self.rejected.long() * self.num_pairs + self.pairs
-        sums = self.logps.new_zeros(2 * self.num_pairs).index_add(0, slot, self.logps)
-        lengths = torch.bincount(slot, minlength=2 * self.num_pairs)
-        return ReplyLogps(*sums.chunk(2), *lengths.chunk(2))
-
-    def chosen_nll(self) -> torch.Tensor:
-        """Mean negative log-likelihood of the chosen reply tokens (RPO's extra term)."""
-        chosen = self.logps[~self.rejected]
-        return -chosen.sum() / max(chosen.numel(), 1)
 
 
 class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
@@ -83,7 +62,13 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
             if isinstance(module, torch.nn.Module):
                 add_logprob_head(module.get_base_model() if is_peft_model(module) else module)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        if data_collator is None and args.prefix_sharing:
+        self.prefix_sharing = data_collator is None and args.prefix_sharing
+        if self.prefix_sharing and isinstance(model, torch.nn.Module):
+            problem = prefix_sharing_problem(model, args.max_length)
+            if problem is not None:
+                logger.warning("prefix_sharing is off for this model: %s; pairs use TRL's layout", problem)
+                self.prefix_sharing = False
+        if self.prefix_sharing:
             data_collator = SharedPrefixPreferenceCollator(ensure_pad_token(tokenizer).pad_token_id, args.max_length)
         super().__init__(model, ref_model, args, peft_config=peft_config, data_collator=data_collator,
                          processing_class=processing_class, **kwargs)
@@ -95,22 +80,7 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
 
     def scored_tokens(self, model, inputs) -> ScoredTokens:
         """Log-probs of all reply tokens, from either batch layout."""
-        if "score_targets" in inputs:  # shared prefix, packed
-            logps = model(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                position_ids=inputs["position_ids"], score_positions=inputs["score_positions"],
-                score_targets=inputs["score_targets"], token_logps=True,
-            )
-            return ScoredTokens(logps, inputs["score_pairs"], inputs["score_rejected"], int(inputs["num_pairs"]))
-        # TRL's layout: rows [chosen; rejected], prompt repeated, right-padded
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
-        token_logps = model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels, token_logps=True
-        )
-        scored = labels[:, 1:] != IGNORE_INDEX
-        rows = scored.nonzero()[:, 0]
-        num_pairs = inputs["input_ids"].size(0) // 2
-        return ScoredTokens(token_logps[scored], rows % num_pairs, rows >= num_pairs, num_pairs)
+        return score_batch(model, inputs)
 
     def reference_context(self):
         """No gradients, no checkpointing; with LoRA and no reference model, the adapter is switched off."""
@@ -136,7 +106,7 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
         reference reads it back instead (see `reference_cache.py`)."""
         path = cache_path(
             self.args.ref_logps_cache_dir, token_ids_digest(dataset), self._precompute_model_hash,
-            self.args.max_length, self.args.prefix_sharing,
+            self.args.max_length, self.prefix_sharing,
         )
         if path.exists():
             logger.info("reference log-probs of the %s data read from %s", name, path)

@@ -1,0 +1,145 @@
+"""The two batch layouts of preference pairs, scored alike, and when the shared-prefix one is exact.
+
+* TRL's layout: rows [prompt + chosen; prompt + rejected], right-padded, reply tokens marked by `completion_mask`.
+* The shared-prefix layout (`shared_prefix.py`): one packed [prompt, chosen, rejected] sequence per pair, several
+  pairs to a row, kept apart by a 4D attention mask and restarting positions.
+
+The shared-prefix layout gives the same log-probs only if every token mixer of the model obeys the 4D mask and the
+position ids. Attention does; a convolution or a state-space layer (LFM2, Mamba, Nemotron-H hybrids) carries state
+from the chosen reply into the rejected one and from one pair into the next, and a sliding window is bypassed by a
+4D mask. `prefix_sharing_problem` looks for both: first in the config (layer types, sliding windows, known
+recurrent families), then by a probe that scores two small random pairs in both layouts and compares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .logprobs import IGNORE_INDEX
+from .losses import ReplyLogps
+from .shared_prefix import SharedPrefixPreferenceCollator
+
+ATTENTION_LAYER_TYPES = {"full_attention", "attention", "global", "global_attention"}
+RECURRENT_MODEL_TYPES = {"mamba", "mamba2", "falcon_mamba", "rwkv", "recurrent_gemma", "xlstm"}
+PROBE_PAIRS = [(6, 5, 4), (3, 2, 6)]  # (prompt, chosen, rejected) lengths of the probe's two pairs
+PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # other dtypes: 5e-2
+
+
+@dataclass
+class ScoredTokens:
+    """The log-probs of every reply token of a batch, with the pair and reply each belongs to."""
+
+    logps: torch.Tensor  # (N,)
+    pairs: torch.Tensor  # (N,) pair index
+    rejected: torch.Tensor  # (N,) True for rejected-reply tokens
+    num_pairs: int
+
+    def reply_logps(self) -> ReplyLogps:
+        """Per-pair sums and lengths of the chosen and rejected replies."""
+        slot = self.rejected.long() * self.num_pairs + self.pairs
+        sums = self.logps.new_zeros(2 * self.num_pairs).index_add(0, slot, self.logps)
+        lengths = torch.bincount(slot, minlength=2 * self.num_pairs)
+        return ReplyLogps(*sums.chunk(2), *lengths.chunk(2))
+
+    def chosen_nll(self) -> torch.Tensor:
+        """Mean negative log-likelihood of the chosen reply tokens (RPO's extra term)."""
+        chosen = self.logps[~self.rejected]
+        return -chosen.sum() / max(chosen.numel(), 1)
+
+
+def score_batch(model: Any, inputs: dict[str, Any]) -> ScoredTokens:
+    """Log-probs of all reply tokens of a batch in either layout (the model has `add_logprob_head`)."""
+    if "score_targets" in inputs:  # shared prefix, packed
+        logps = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"], score_positions=inputs["score_positions"],
+            score_targets=inputs["score_targets"], token_logps=True,
+        )  # fmt: skip
+        return ScoredTokens(logps, inputs["score_pairs"], inputs["score_rejected"], int(inputs["num_pairs"]))
+    # TRL's layout: rows [chosen; rejected], prompt repeated, right-padded
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
+    token_logps = model(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels, token_logps=True
+    )
+    scored = labels[:, 1:] != IGNORE_INDEX
+    rows = scored.nonzero()[:, 0]
+    num_pairs = inputs["input_ids"].size(0) // 2
+    return ScoredTokens(token_logps[scored], rows % num_pairs, rows >= num_pairs, num_pairs)
+
+
+def trl_layout(pairs: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Tokenised pairs in TRL's layout: [prompt + chosen rows; prompt + rejected rows], right-padded."""
+    rows = [p["prompt_ids"] + p["chosen_ids"] for p in pairs] + [p["prompt_ids"] + p["rejected_ids"] for p in pairs]
+    replies = [len(p["chosen_ids"]) for p in pairs] + [len(p["rejected_ids"]) for p in pairs]
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros_like(input_ids)
+    for i, (row, reply) in enumerate(zip(rows, replies)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+        completion_mask[i, len(row) - reply : len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def config_problem(config: Any, max_length: int | None) -> str | None:
+    """What in a model's config says the shared-prefix layout would not be exact, if anything."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(config, "model_type", "")
+    if model_type in RECURRENT_MODEL_TYPES:
+        return f"{model_type!r} is a recurrent model, whose state would run from one reply into the other"
+    for name in ("layer_types", "layers_block_type", "block_types", "hybrid_override_pattern"):
+        kinds = getattr(config, name, None)
+        if isinstance(kinds, str):  # Nemotron-H's pattern: M = Mamba, * = attention, - = MLP, E = MoE
+            kinds = ["mamba" if c == "M" else "attention" for c in kinds if c in "M*"]
+        others = sorted({k for k in kinds or () if k not in ATTENTION_LAYER_TYPES and k not in ("mlp", "moe")})
+        if others and others != ["sliding_attention"]:
+            return f"its layers include {', '.join(map(repr, others))}, which do not follow a 4D attention mask"
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and getattr(config, "use_sliding_window", True) is not False:
+        if max_length is None or window < max_length:
+            return f"it attends through a sliding window of {window} tokens, which a 4D attention mask bypasses"
+    return None
+
+
+@torch.no_grad()
+def probe_problem(model: torch.nn.Module) -> str | None:
+    """Score two small random pairs in both layouts; a difference means the model leaks across the replies."""
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    pairs = [
+        {name: torch.randint(0, min(vocab, 1000), (n,), generator=generator).tolist()
+         for name, n in zip(("prompt_ids", "chosen_ids", "rejected_ids"), lengths)}
+        for lengths in PROBE_PAIRS
+    ]  # fmt: skip
+    device = next(model.parameters()).device
+    layouts = [SharedPrefixPreferenceCollator(pad_token_id=0)(pairs), trl_layout(pairs, pad_token_id=0)]
+    was_training = model.training
+    model.eval()  # dropout would make the two passes differ for no reason
+    try:
+        shared, plain = (
+            score_batch(model, {k: v.to(device) for k, v in batch.items()}).reply_logps() for batch in layouts
+        )
+    finally:
+        model.train(was_training)
+    difference = max((shared.chosen - plain.chosen).abs().max().item(), (shared.rejected - plain.rejected).abs().max().item())
+    dtype = next(model.parameters()).dtype
+    if difference > PROBE_TOLERANCE.get(dtype, 5e-2):
+        return f"a probe pair's reply log-probs differ by {difference:.2g} between the shared-prefix and TRL layouts"
+    return None
+
+
+def prefix_sharing_problem(model: torch.nn.Module, max_length: int | None) -> str | None:
+    """Why the shared-prefix layout would give this model other log-probs than TRL's layout; None when exact.
+
+    The probe needs the model's weights in place: under DeepSpeed ZeRO-3 they are partitioned, and only the config
+    is read."""
+    problem = config_problem(model.config, max_length)
+    if problem is not None:
+        return problem
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return None if is_deepspeed_zero3_enabled() else probe_problem(model)
