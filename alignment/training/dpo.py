@@ -72,6 +72,12 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
             data_collator = SharedPrefixPreferenceCollator(ensure_pad_token(tokenizer).pad_token_id, args.max_length)
         super().__init__(model, ref_model, args, peft_config=peft_config, data_collator=data_collator,
                          processing_class=processing_class, **kwargs)
+        if getattr(self, "aux_loss_enabled", False):
+            raise ValueError(
+                f"this Mixture-of-Experts model's router auxiliary loss (router_aux_loss_coef="
+                f"{self.router_aux_loss_coef}) is not part of alignment's DPO loss; set router_aux_loss_coef: 0 to "
+                "train without it, or use trl.DPOTrainer"
+            )
         if args.reference_free:
             self.ref_model = None
         add_logprob_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)

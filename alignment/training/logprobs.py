@@ -7,7 +7,8 @@ only on the positions whose label is not -100, a chunk of rows at a time, and th
 chunk's softmax instead of storing it.
 
 `add_logprob_head(model)` patches `model.forward` so that `model(..., labels=labels, token_logps=True)` returns the
-(batch, length - 1) log-probs (0 where no label), and `model(..., score_positions=P, score_targets=Y,
+(batch, length - 1) log-probs (0 where no label) (`token_logps="with_stats"`: and the entropy and top-1 hits of those
+positions, for the SFT metrics), and `model(..., score_positions=P, score_targets=Y,
 token_logps=True)` the log-probs of the N tokens Y predicted from the hidden states at the (row, column) pairs P.
 Going through `model(...)` rather than calling submodules keeps DDP/FSDP/PEFT wrappers in the loop.
 
@@ -56,22 +57,31 @@ PLAIN_HEAD = HeadTransform()
 
 
 class _ChunkedTokenLogProbs(torch.autograd.Function):
-    """log_softmax(transform(hidden @ weightᵀ + bias))[target], row by row in chunks, with a recomputing backward."""
+    """log_softmax(transform(hidden @ weightᵀ + bias))[target], row by row in chunks, with a recomputing backward.
+
+    Also returns, without gradients, each row's entropy and whether the target is the argmax (TRL's `entropy` and
+    `mean_token_accuracy` metrics), from the same logits: they cost no second pass through the head."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_rows, transform):
         out = torch.empty(hidden.size(0), dtype=_compute_dtype(hidden), device=hidden.device)
+        entropy = torch.empty_like(out)
+        is_top1 = torch.empty(hidden.size(0), dtype=torch.bool, device=hidden.device)
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = _transformed(_logits(hidden[rows], weight, bias), transform)
-            out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - logits.logsumexp(dim=1)
+            normaliser = logits.logsumexp(dim=1)
+            out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - normaliser
+            entropy[rows] = normaliser - (torch.softmax(logits, dim=1) * logits).sum(1)
+            is_top1[rows] = logits.argmax(dim=1) == targets[rows]  # the first maximum, as TRL counts it
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk_rows = chunk_rows
         ctx.transform = transform
-        return out
+        ctx.mark_non_differentiable(entropy, is_top1)
+        return out, entropy, is_top1
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_entropy=None, _grad_is_top1=None):
         hidden, weight, bias, targets = ctx.saved_tensors
         transform = ctx.transform
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -131,7 +141,30 @@ def logprobs_of_targets(
     transform: HeadTransform = PLAIN_HEAD,
 ) -> torch.Tensor:
     """For N hidden states (N, d) and their N target ids, the N log-probs under the head (weight: (vocab, d))."""
-    return _ChunkedTokenLogProbs.apply(hidden, weight, bias, targets, chunk_rows, transform)
+    return _ChunkedTokenLogProbs.apply(hidden, weight, bias, targets, chunk_rows, transform)[0]
+
+
+@dataclass
+class TokenStats:
+    """Per-token figures of the scored positions, for TRL's metrics: (B, T-1), zero where nothing is scored."""
+
+    entropy: torch.Tensor
+    is_top1: torch.Tensor
+    scored: torch.Tensor  # (B, T-1) bool
+
+
+def token_logps_and_stats(
+    hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, transform: HeadTransform = PLAIN_HEAD
+) -> tuple[torch.Tensor, TokenStats]:
+    """Like `token_logps_from_hidden`, with the entropy and top-1 hit of every scored position (no gradients)."""
+    hidden_states, targets = hidden_states[:, :-1], labels[:, 1:].to(hidden_states.device)
+    scored = targets != IGNORE_INDEX
+    logps, entropy, is_top1 = _ChunkedTokenLogProbs.apply(
+        hidden_states[scored], lm_head.weight, getattr(lm_head, "bias", None), targets[scored], CHUNK_ROWS, transform
+    )
+    zeros = torch.zeros(scored.shape, dtype=logps.dtype, device=logps.device)
+    stats = TokenStats(zeros.masked_scatter(scored, entropy), scored.masked_scatter(scored, is_top1), scored)
+    return zeros.masked_scatter(scored, logps), stats
 
 
 def token_logps_from_hidden(
@@ -164,7 +197,8 @@ def add_logprob_head(model: nn.Module) -> nn.Module:
     transform = HeadTransform.of(model.config)
 
     @functools.wraps(type(model).forward)
-    def forward(*args, token_logps: bool = False, labels=None, score_positions=None, score_targets=None, **kwargs):
+    def forward(*args, token_logps: bool | str = False, labels=None, score_positions=None, score_targets=None,
+                **kwargs):
         if not token_logps:
             if labels is not None:
                 kwargs["labels"] = labels
@@ -174,6 +208,8 @@ def add_logprob_head(model: nn.Module) -> nn.Module:
             kwargs.pop(unused, None)
         hidden_states = model.base_model(*args, **kwargs).last_hidden_state
         lm_head = model.get_output_embeddings()
+        if token_logps == "with_stats":
+            return token_logps_and_stats(hidden_states, labels, lm_head, transform)
         if score_positions is None:
             return token_logps_from_hidden(hidden_states, labels, lm_head, transform=transform)
         sources = hidden_states[score_positions[:, 0], score_positions[:, 1]]

@@ -4,13 +4,20 @@ The objective is next-token cross-entropy over the scored tokens of a batch,
 
     loss = − Σ_t log p(x_{t+1} | x_{≤t}) / (number of scored tokens),
 
+(with `loss_type: dft`, each term weighted by p(x_{t+1} | x_{≤t}) without gradient, as TRL's DFT),
+
 where a token is scored when it has context in its own document: in fixed-length windows cut from EOS-separated
 dialogues, every token but the first of each document (with `completion_only_loss`, only the reply tokens).
 Documents sharing a window never attend to each other and their positions restart.
+
+The options that need the full logits or the model's own outputs (`compute_loss_func`, `label_smoothing_factor`,
+the MoE router auxiliary loss) run TRL's own loss computation instead, said in one log line. The logged metrics are
+TRL's: `num_tokens`, `entropy`, `mean_token_accuracy` (and `aux_loss` on TRL's path).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +28,8 @@ from accelerate.utils import is_peft_model
 from ..modeling.tokenizer import ensure_pad_token
 from .logprobs import IGNORE_INDEX, add_logprob_head
 from .safety import SafeTrainingMixin
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,15 +85,33 @@ class SFTTrainer(SafeTrainingMixin, trl.SFTTrainer):
             processing_class=processing_class, **kwargs,
         )
         add_logprob_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+        self.trl_loss_for = [
+            name
+            for name, asked in (
+                ("compute_loss_func", self.compute_loss_func is not None),
+                ("label_smoothing_factor", self.label_smoother is not None),
+                ("the MoE router auxiliary loss", getattr(self, "aux_loss_enabled", False)),
+            )
+            if asked
+        ]
+        if self.trl_loss_for:
+            logger.warning("SFT loss: TRL's own computation (not this package's log-prob head), for %s",
+                           ", ".join(self.trl_loss_for))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.trl_loss_for:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        token_logps = model(**model_inputs, labels=labels, token_logps=True)
-        scored_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
+        token_logps, stats = model(**model_inputs, labels=labels, token_logps="with_stats")
+        per_token = -token_logps
+        if self.args.loss_type == "dft":  # Wu et al., 2025 (https://huggingface.co/papers/2508.05629)
+            per_token = per_token * token_logps.exp().detach()
+        scored_tokens = stats.scored.sum()
         denominator = scored_tokens if num_items_in_batch is None else num_items_in_batch
-        loss = -token_logps.sum() / torch.as_tensor(denominator, device=token_logps.device).clamp(min=1)
+        loss = per_token.sum() / torch.as_tensor(denominator, device=token_logps.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count spans all ranks
 
@@ -92,6 +119,11 @@ class SFTTrainer(SafeTrainingMixin, trl.SFTTrainer):
             tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(labels.numel())
             self._total_train_tokens += self.accelerator.gather_for_metrics(tokens.to(labels.device)).sum().item()
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        scored = self.accelerator.gather_for_metrics(stats.scored.sum()).sum()
+        entropy = self.accelerator.gather_for_metrics(stats.entropy.sum()).sum()
+        correct = self.accelerator.gather_for_metrics(stats.is_top1.sum()).sum()
+        self._metrics[mode]["entropy"].append((entropy / scored).item() if scored > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append((correct / scored).item() if scored > 0 else 0.0)
         if return_outputs:
             with torch.no_grad():
                 return loss, model(**model_inputs)
