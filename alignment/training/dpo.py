@@ -25,7 +25,9 @@ import torch
 import trl
 from accelerate.utils import is_peft_model
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
+from datasets import Dataset
+from transformers import AutoProcessor
+from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 
 from ..modeling.tokenizer import ensure_pad_token
 from .configs import DPOConfig
@@ -37,6 +39,19 @@ from .safety import SafeTrainingMixin
 from .shared_prefix import SharedPrefixPreferenceCollator
 
 logger = logging.getLogger(__name__)
+
+
+def load_as_trl_does(model_id: str, args: DPOConfig, quantization_config=None) -> torch.nn.Module:
+    """The policy named by a Hub id or folder, loaded with `model_init_kwargs` as `trl.DPOTrainer` loads it."""
+    init_kwargs = dict(args.model_init_kwargs or {})
+    if quantization_config is not None:
+        if "quantization_config" in init_kwargs:
+            raise ValueError("quantization_config is set both as a trainer argument and in model_init_kwargs; keep one")
+        init_kwargs["quantization_config"] = quantization_config
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        init_kwargs["device_map"] = None  # distributed training needs it ("auto" fails)
+    init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return create_model_from_path(model_id, **init_kwargs)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -53,6 +68,12 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
                  processing_class=None, **kwargs):
         if args is None:
             raise ValueError("pass a DPOConfig (alignment.training.DPOConfig)")
+        if isinstance(model, str):  # TRL's most common form: load it here, as TRL would, so the heads can go on
+            model = load_as_trl_does(model, args, kwargs.pop("quantization_config", None))
+        if processing_class is None:  # as TRL: the model's own tokenizer
+            processing_class = AutoProcessor.from_pretrained(
+                get_config_model_id(model.config), trust_remote_code=args.trust_remote_code
+            )
         uses_adapter = peft_config is not None or is_peft_model(model)
         builds_reference = not (uses_adapter or args.precompute_ref_log_probs or isinstance(model, str))
         if ref_model is None and builds_reference:
@@ -70,8 +91,12 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
                 self.prefix_sharing = False
         if self.prefix_sharing:
             data_collator = SharedPrefixPreferenceCollator(ensure_pad_token(tokenizer).pad_token_id, args.max_length)
-        super().__init__(model, ref_model, args, peft_config=peft_config, data_collator=data_collator,
-                         processing_class=processing_class, **kwargs)
+        init_kwargs, args.model_init_kwargs = args.model_init_kwargs, None  # used above: TRL would warn they are not
+        try:
+            super().__init__(model, ref_model, args, peft_config=peft_config, data_collator=data_collator,
+                             processing_class=processing_class, **kwargs)
+        finally:
+            args.model_init_kwargs = init_kwargs
         if getattr(self, "aux_loss_enabled", False):
             raise ValueError(
                 f"this Mixture-of-Experts model's router auxiliary loss (router_aux_loss_coef="
@@ -110,6 +135,8 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
     def _precompute_ref_logps(self, dataset, name, batch_size):
         """TRL's one pass of the reference over the data, kept on disk: a second run with the same data and
         reference reads it back instead (see `reference_cache.py`)."""
+        if not isinstance(dataset, Dataset):  # TRL's own checks first (it refuses to precompute an iterable dataset)
+            return super()._precompute_ref_logps(dataset, name, batch_size)
         path = cache_path(
             self.args.ref_logps_cache_dir, token_ids_digest(dataset), self._precompute_model_hash,
             self.args.max_length, self.prefix_sharing,

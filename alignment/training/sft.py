@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import trl
 from accelerate.utils import is_peft_model
+from transformers import AutoProcessor
+from trl.trainer.utils import get_config_model_id
 
 from ..modeling.tokenizer import ensure_pad_token
 from .logprobs import IGNORE_INDEX, add_logprob_head
@@ -75,10 +77,12 @@ class SFTTrainer(SafeTrainingMixin, trl.SFTTrainer):
     and stops on a non-finite loss (`SafeTrainingMixin`)."""
 
     def __init__(self, model, args=None, data_collator=None, train_dataset=None, *, processing_class=None, **kwargs):
+        wrapped = getattr(args, "packing", False) and getattr(args, "packing_strategy", None) == "wrapped"
+        if processing_class is None and data_collator is None and wrapped:  # as TRL: the model's own tokenizer
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            processing_class = AutoProcessor.from_pretrained(name, trust_remote_code=args.trust_remote_code)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        if data_collator is None and args is not None and args.packing and args.packing_strategy == "wrapped":
-            if tokenizer is None:
-                raise ValueError("wrapped packing needs the tokenizer (processing_class) to find document ends")
+        if data_collator is None and wrapped:
             data_collator = PackedDocumentsCollator(tokenizer.eos_token_id, ensure_pad_token(tokenizer).pad_token_id)
         super().__init__(
             model, args=args, data_collator=data_collator, train_dataset=train_dataset,
