@@ -59,3 +59,17 @@ def test_precompute_on_an_iterable_dataset_is_refused_as_trl_refuses_it(tmp_path
     with pytest.raises(type(stock.value)) as ours:
         trainer(DPOTrainer, DPOConfig)
     assert str(ours.value) == str(stock.value) and "IterableDataset" in str(ours.value)
+
+
+def test_mask_columns_without_labels_are_refused_as_trl_refuses_them(tmp_path, gpt2_tokenizer):
+    """A pre-tokenised dataset with a completion mask but no labels, preparation skipped: TRL refuses it rather than
+    train on every token; our packed-window collator would have trained on every token, so it is refused too."""
+    rows = datasets.Dataset.from_list([{"input_ids": [1, 2, 3, 50256], "completion_mask": [0, 0, 1, 1]}] * 4)
+    messages = []
+    for trainer_class, config_class in ((trl.SFTTrainer, trl.SFTConfig), (SFTTrainer, SFTConfig)):
+        args = config_class(output_dir=str(tmp_path / trainer_class.__module__), packing=True,
+                            packing_strategy="wrapped", dataset_kwargs={"skip_prepare_dataset": True}, **COMMON)
+        with pytest.raises(ValueError, match="has mask columns but no 'labels'") as refused:
+            trainer_class(tiny_causal_lms()["ours"](), args=args, train_dataset=rows, processing_class=gpt2_tokenizer)
+        messages.append(str(refused.value))
+    assert messages[0] == messages[1]

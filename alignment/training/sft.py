@@ -25,6 +25,7 @@ import torch
 import trl
 from accelerate.utils import is_peft_model
 from transformers import AutoProcessor
+from trl.data_utils import get_dataset_column_names
 from trl.trainer.utils import get_config_model_id
 
 from ..modeling.tokenizer import ensure_pad_token
@@ -101,6 +102,21 @@ class SFTTrainer(SafeTrainingMixin, trl.SFTTrainer):
         if self.trl_loss_for:
             logger.warning("SFT loss: TRL's own computation (not this package's log-prob head), for %s",
                            ", ".join(self.trl_loss_for))
+
+    def _reject_skip_prepare_without_labels(self, datasets, data_collator) -> None:
+        """TRL refuses mask columns without labels when preparation is skipped (training would use every token),
+        but only for its own collator; ours builds labels from the same columns, so the same refusal holds."""
+        super()._reject_skip_prepare_without_labels(datasets, data_collator)
+        if not (self._skip_prepare_dataset and isinstance(data_collator, PackedDocumentsCollator)):
+            return
+        for name, dataset in datasets.items():
+            columns = get_dataset_column_names(dataset)
+            if "labels" not in columns and ("completion_mask" in columns or "assistant_masks" in columns):
+                raise ValueError(
+                    f"The {name} dataset has mask columns but no 'labels', and `skip_prepare_dataset=True` skips "
+                    "label building, so it would train on the full sequence. Add a 'labels' column (-100 for "
+                    "non-loss tokens) or drop `skip_prepare_dataset`."
+                )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.trl_loss_for:
