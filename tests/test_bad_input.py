@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from alignment.training.checkpoints import check_output_dir
+from alignment.training.checkpoints import check_output_dir, clear_previous_run
 from alignment.run.cli import run_cli
 from alignment.run.pipeline import run_dpo, run_sft
 
@@ -270,6 +270,8 @@ def test_overwrite_output_dir_clears_the_old_checkpoints(tmp_path):
         (out / name).mkdir(parents=True)
     (out / "model.safetensors").write_bytes(b"old")
     check_output_dir(out, overwrite=True)
+    assert len(list(out.iterdir())) == 4  # the check deletes nothing; the run clears them once it has loaded
+    clear_previous_run(out)
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
     check_output_dir(out, resuming=True)  # resuming into a saved run is fine
 

@@ -58,7 +58,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, token: str | None = Non
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(
             folder_path=str(folder), repo_id=repo_id, commit_message="alignment: final model",
-            ignore_patterns=["checkpoint-*", "*.tmp", "runs/*", "wandb/*"],
+            ignore_patterns=["checkpoint-*", "*.tmp", "runs/*", "wandb/*", ".alignment.lock"],
         )
     except Exception as error:  # network, auth, quota: none of them may cost the local checkpoint
         logger.warning("push to the Hub failed (%s); the model is kept in %s", first_line(error), Path(folder).resolve())

@@ -27,8 +27,9 @@ from ..common import first_line
 from ..data import DataFormatError, load_preference_dataset, load_sft_dataset
 from ..modeling.loading import load_model_and_tokenizer
 from ..training import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-from ..training.checkpoints import check_output_dir, resume_checkpoint
+from ..training.checkpoints import check_output_dir, clear_previous_run, resume_checkpoint
 from .arguments import DataArguments, ModelArguments
+from .folder_lock import RunFolderLock
 from .integrations import hub_push_possible, prepare_wandb, push_folder
 from .recipe import parse_recipe, save_resolved_recipe
 
@@ -72,6 +73,12 @@ def run(stage: Stage, argv: list[str]) -> Path:
     """Train one stage from a recipe and command-line overrides; returns the output folder."""
     model_args, data_args, args = parse_recipe((ModelArguments, DataArguments, stage.config_class), argv)
     wants_push = prepare_run(args)
+    with RunFolderLock(args.output_dir):  # no other run writes into this folder meanwhile
+        return train_stage(stage, model_args, data_args, args, wants_push)
+
+
+def train_stage(stage: Stage, model_args: ModelArguments, data_args: DataArguments, args: Any, wants_push: bool) -> Path:
+    """Everything after parsing, inside the folder lock: output folder, model, data, trainer, train, save, push."""
     resume = prepare_output(args)
     model, tokenizer = load_model_and_tokenizer(
         model_args.model_name_or_path, tokenizer_name_or_path=model_args.tokenizer_name_or_path,
@@ -151,12 +158,7 @@ def prepare_output(args: Any) -> str | None:
     """Before anything loads: the output folder is usable and a saved run is never overwritten by accident
     (only with `overwrite_output_dir`, or when resuming); returns the checkpoint folder to resume from, if any."""
     resume = resume_argument(args.resume_from_checkpoint)
-    check_output_dir(
-        args.output_dir,
-        overwrite=args.overwrite_output_dir,
-        resuming=resume is not None,
-        clean_stale=args.should_save,
-    )
+    check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resuming=resume is not None)
     return resume_checkpoint(resume, args.output_dir)
 
 
@@ -233,7 +235,10 @@ def train_and_save(trainer, model_args, data_args, args, stage: Stage, resume: s
     """Train (resuming if asked), evaluate, and save the final model with everything a user needs beside it."""
     output_dir = Path(args.output_dir)
     if trainer.is_world_process_zero():  # one writer: processes writing it at once race on recipe.yaml.tmp
+        if args.overwrite_output_dir and resume is None:  # the new run has its model and data: now the old one goes
+            clear_previous_run(output_dir)
         save_resolved_recipe(output_dir, model_args, data_args, args)
+    trainer.accelerator.wait_for_everyone()
     result = trainer.train(resume_from_checkpoint=resume)  # a signal: TrainingInterrupted, after a checkpoint
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)

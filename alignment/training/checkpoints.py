@@ -155,13 +155,11 @@ def resume_checkpoint(value: str | bool | None, output_dir: str | os.PathLike) -
 # --- the output folder ----------------------------------------------------------------------------------------------
 
 
-def check_output_dir(
-    output_dir: str | os.PathLike, *, overwrite: bool = False, resuming: bool = False, clean_stale: bool = True
-) -> None:
+def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool = False, resuming: bool = False) -> None:
     """Before anything loads: the folder is writable, and a new run never overwrites a saved one by accident.
 
-    With `overwrite`, the old run's checkpoint folders are removed (by the one process given `clean_stale`): else a
-    later `resume_from_checkpoint=true` would pick the old run's newest one."""
+    Nothing is deleted here: with `overwrite`, the old run's checkpoints go only once the new run has loaded its
+    model and data (`clear_previous_run`), so a typo in the recipe never costs them."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise CheckpointError(f"output_dir {output_dir} exists and is not a folder")
@@ -197,12 +195,19 @@ def check_output_dir(
             f"output_dir {output_dir} already holds a saved run ({shown}); resume it with "
             "--resume_from_checkpoint=true, choose another output_dir, or set overwrite_output_dir to replace it"
         )
+
+
+def clear_previous_run(output_dir: str | os.PathLike) -> None:
+    """`overwrite_output_dir`: remove the old run's checkpoint and staging folders (else a later
+    `resume_from_checkpoint=true` would pick the old run's newest one). Called by one process, just before the new
+    run trains; the old final files are replaced when the new run saves its own."""
+    output_dir = Path(output_dir)
     stale = checkpoint_folders(output_dir) + [p for p in output_dir.glob(f"{STAGING_PREFIX}*") if p.is_dir()]
-    if stale and clean_stale:
+    if stale:
         logger.warning("overwrite_output_dir: removing %d checkpoint folders of the previous run in %s",
                        len(stale), output_dir)
-        for folder in stale:
-            shutil.rmtree(folder)
+    for folder in stale:
+        shutil.rmtree(folder)
 
 
 # --- writing checkpoints atomically ---------------------------------------------------------------------------------
