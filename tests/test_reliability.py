@@ -274,6 +274,8 @@ def make_checkpoint(folder, **files):
 
     save_file({"w": torch.ones(4)}, str(folder / "model.safetensors"))
     torch.save({"state": 1}, folder / "optimizer.pt")
+    torch.save({"last_epoch": 2}, folder / "scheduler.pt")
+    torch.save({"python": 1}, folder / "rng_state.pth")
     (folder / "trainer_state.json").write_text('{"global_step": 2}')
     for name, content in files.items():
         path = folder / name.replace("__", ".")
@@ -293,6 +295,11 @@ def make_checkpoint(folder, **files):
         ({"model__safetensors": None}, "no model weights"),
         ({"model__safetensors": b"\x10\x00"}, "model.safetensors is truncated or not a safetensors file"),
         ({"optimizer__pt": b"PK\x03\x04 cut short"}, "optimizer.pt is truncated"),
+        ({"optimizer__pt": None}, "no optimizer state (saved with save_only_model?); to start a new run from its "
+                                  "weights, set model_name_or_path to it"),
+        ({"scheduler__pt": None}, "no scheduler.pt (learning-rate schedule)"),
+        ({"rng_state__pth": None}, "no RNG state (rng_state.pth)"),
+        ({"trainer_state__json": b"{}"}, "trainer_state.json has no global_step"),
         ({"model__safetensors__index__json": b'{"weight_map": {"w": "model-00002.safetensors"}}'},
          "weight shards missing: model-00002.safetensors"),
     ],

@@ -106,3 +106,58 @@ def test_a_failed_run_leaves_no_folder_it_created(tmp_path, capsys, quiet):
     out = tmp_path / "new" / "out"
     error_line(capsys, [recipe(tmp_path, "sft", dataset_name=str(tmp_path / "missing.jsonl"), output_dir=str(out))])
     assert not (tmp_path / "new").exists()
+
+
+def test_resume_refuses_a_checkpoint_saved_weights_only(tmp_path, sft_data, capsys, quiet):
+    """`save_only_model: true` leaves no optimizer, scheduler or RNG state: resuming from it would drift silently."""
+    out = tmp_path / "out"
+    run_sft([recipe(tmp_path, "sft", dataset_name=sft_data, save_strategy="steps", save_steps=1, save_only_model=True,
+                    max_steps=2)])
+    before = folder_hash(out)
+    line = error_line(capsys, [recipe(tmp_path, "sft", dataset_name=sft_data, max_steps=3),
+                               "--resume_from_checkpoint", str(out / "checkpoint-1")])
+    assert "checkpoint-1 is not a complete checkpoint (no optimizer state (saved with save_only_model?)" in line
+    line = error_line(capsys, [recipe(tmp_path, "sft", dataset_name=sft_data, max_steps=3),
+                               "--resume_from_checkpoint=true"])
+    assert "holds no complete checkpoint-N folder to resume from" in line
+    assert folder_hash(out) == before
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"max_steps": -1, "num_train_epochs": 0}, "nothing to train: max_steps is -1 and num_train_epochs 0"),
+    ({"max_steps": 0, "num_train_epochs": 0}, "nothing to train"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be at least 1, got 0"),
+    ({"max_length": 1}, "max_length 1 leaves no token to predict"),
+    ({"test_size": 1.5}, "test_size 1.5: a share of the rows is below 1"),
+    ({"test_size": -0.1}, "test_size -0.1"),
+    ({"output_dir": " "}, "output_dir is empty"),
+])
+def test_settings_that_cannot_train_stop_before_anything_loads(settings, message, tmp_path, sft_data, capsys, quiet,
+                                                               monkeypatch):
+    import alignment.run.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
+    line = error_line(capsys, [recipe(tmp_path, "sft", dataset_name=sft_data, **settings)])
+    assert message in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("beta: 0.1\nlearning_rate: 1e-6\nbeta: 0.2\n", "line 3, column 1: key 'beta' is given twice (lines 1 and 3)"),
+    ("beta: 0.1\n\tlearning_rate: 1\n", "line 2, column 1: found character '\\t' that cannot start any token"),
+    ('hub_model_id: "unclosed\nbeta: 1\n', "found unexpected end of stream (while scanning a quoted scalar)"),
+])
+def test_yaml_mistakes_name_the_line_and_the_problem(text, message, tmp_path, capsys, quiet):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text, encoding="utf-8")
+    line = error_line(capsys, [str(path)])
+    assert f"{path} is not valid YAML: " in line and message in line, line
+
+
+def test_a_data_folder_of_mixed_file_kinds_is_refused(tmp_path, capsys, quiet):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"text": f"Human: {i}?\n\nAssistant: {i}"} for i in range(4)])
+    (folder / "b.csv").write_text("text\nHuman: 1?\n", encoding="utf-8")
+    line = error_line(capsys, [recipe(tmp_path, "sft", dataset_name=str(folder))])
+    assert "holds data files of several kinds (csv: b.csv; json: a.jsonl), of which only one kind would be read" in line

@@ -106,9 +106,19 @@ def read_split(spec: DatasetSpec, split: str) -> Dataset:
             _check_utf8(local)
         return load_dataset(builder, data_files=str(local), split="train")
     if local.is_dir():
+        kinds: dict[str, list[str]] = {}
         for file in sorted(local.rglob("*")):
-            if _file_builder(file.name) in ("json", "csv"):
+            builder = _file_builder(file.name)
+            if builder is not None:
+                kinds.setdefault(builder, []).append(file.name)
+            if builder in ("json", "csv"):
                 _check_utf8(file)
+        if len(kinds) > 1:  # `datasets` would read the files of one kind only, and say nothing of the others
+            found = "; ".join(f"{kind}: {', '.join(names[:3])}" for kind, names in sorted(kinds.items()))
+            raise DataFormatError(
+                f"{spec.path} holds data files of several kinds ({found}), of which only one kind would be read; "
+                "keep one kind in the folder, or list the files as a mixture (datasets: [{path: ...}, ...])"
+            )
     elif not looks_like_hub_id(spec.path):
         raise DataFormatError(f"{spec.path}: no such file or directory")
     return load_dataset(spec.path, spec.name, split=split, data_dir=spec.data_dir)

@@ -72,6 +72,7 @@ DPO = Stage("DPO", DPOConfig, DPOTrainer, preference_data)
 def run(stage: Stage, argv: list[str]) -> Path:
     """Train one stage from a recipe and command-line overrides; returns the output folder."""
     model_args, data_args, args = parse_recipe((ModelArguments, DataArguments, stage.config_class), argv)
+    check_trainable(args, data_args)
     wants_push = prepare_run(args)
     with RunFolderLock(args.output_dir):  # no other run writes into this folder meanwhile
         return train_stage(stage, model_args, data_args, args, wants_push)
@@ -125,6 +126,27 @@ def model_loading(model_args: ModelArguments, trust_remote_code: bool) -> dict[s
 
 def split_settings(data_args: DataArguments, args: Any) -> dict[str, Any]:
     return {"seed": args.seed, "test_size": held_out_size(data_args.test_size)}
+
+
+def check_trainable(args: Any, data_args: DataArguments) -> None:
+    """Settings that would "succeed" without training anything, or fail deep inside a library: one line each,
+    before anything loads."""
+    if not str(args.output_dir or "").strip():
+        raise ValueError("output_dir is empty; name the folder the run is saved in")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise ValueError(
+            f"nothing to train: max_steps is {args.max_steps} and num_train_epochs {args.num_train_epochs}; "
+            "set max_steps above 0 or num_train_epochs above 0"
+        )
+    if args.gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be at least 1, got {args.gradient_accumulation_steps}")
+    if args.max_length is not None and args.max_length < 2:
+        raise ValueError(f"max_length {args.max_length} leaves no token to predict; use at least 2 (e.g. 512)")
+    size = data_args.test_size
+    if size < 0 or (size >= 1 and size != int(size)):
+        raise ValueError(
+            f"test_size {size:g}: a share of the rows is below 1 (e.g. 0.05), a row count a whole number (e.g. 100)"
+        )
 
 
 def resume_argument(value: str | None) -> str | bool | None:

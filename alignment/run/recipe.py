@@ -57,14 +57,41 @@ def split_recipe_path(argv: list[str]) -> tuple[str | None, list[str]]:
     return path, argv
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's problem and where it is ("line 3, column 1: found character '\t' ..."), on one line."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (f"{problem} ({context})" if context and context != problem else problem)
+
+
 def read_recipe(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise RecipeError(f"recipe file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
-            recipe = yaml.safe_load(f) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise RecipeError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+            recipe = yaml.load(f, Loader=UniqueKeyLoader) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path} is not valid YAML: {yaml_problem(error)}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path} is not UTF-8 text") from None
     if not isinstance(recipe, dict):
         raise RecipeError(f"{path} must be a YAML mapping of settings (key: value), got {type(recipe).__name__}")
     return recipe

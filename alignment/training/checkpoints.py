@@ -36,6 +36,9 @@ WEIGHT_FILES = (
     "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin",
 )  # fmt: skip
 WEIGHT_PREFIXES = ("pytorch_model_fsdp", "global_step")
+OPTIMIZER_PREFIX = "optimizer"  # optimizer.pt, or FSDP's optimizer_0/
+SCHEDULER_FILE = "scheduler.pt"
+RNG_STATE = re.compile(r"rng_state(_\d+)?\.pth")  # one per process
 # Files in a finished run's folder that a new run would overwrite.
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
 
@@ -78,7 +81,11 @@ def _file_problem(path: Path) -> str | None:
 
 
 def incomplete_reason(folder: str | os.PathLike) -> str | None:
-    """None for a checkpoint folder that resuming can use; else what is missing or broken."""
+    """None for a checkpoint folder that resuming continues exactly; else what is missing or broken.
+
+    Complete means: the weights are whole (sizes and headers checked), the trainer state has a `global_step`, and
+    the optimizer, the learning-rate scheduler and the RNG states are there. Without the last three a resumed run
+    would silently drift from the run it continues (a fresh optimizer, a restarted schedule, other dropout masks)."""
     folder = Path(folder)
     if not folder.is_dir():
         return "not a folder"
@@ -87,6 +94,13 @@ def incomplete_reason(folder: str | os.PathLike) -> str | None:
         return f"no {TRAINER_STATE}"
     if not names & set(WEIGHT_FILES) and not any(n.startswith(WEIGHT_PREFIXES) for n in names):
         return "no model weights"
+    deepspeed = any(n.startswith("global_step") for n in names)  # its engine keeps optimizer and scheduler there
+    if not deepspeed and not any(n.startswith(OPTIMIZER_PREFIX) for n in names):
+        return "no optimizer state (saved with save_only_model?); to start a new run from its weights, set model_name_or_path to it"
+    if not deepspeed and SCHEDULER_FILE not in names:
+        return f"no {SCHEDULER_FILE} (learning-rate schedule)"
+    if not any(RNG_STATE.fullmatch(n) for n in names):
+        return "no RNG state (rng_state.pth)"
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -101,6 +115,9 @@ def incomplete_reason(folder: str | os.PathLike) -> str | None:
             problem = _file_problem(path)
             if problem:
                 return problem
+    state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return f"{TRAINER_STATE} has no global_step"
     return None
 
 
