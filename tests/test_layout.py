@@ -71,4 +71,6 @@ def test_scripts_are_thin_entry_points(path):
 
 def test_no_test_loads_a_script_by_path():
     for test in (REPO / "tests").glob("test_*.py"):
+        if test.name == Path(__file__).name:
+            continue
         assert "spec_from_file_location" not in test.read_text(encoding="utf-8"), test.name

@@ -161,3 +161,71 @@ def test_a_data_folder_of_mixed_file_kinds_is_refused(tmp_path, capsys, quiet):
     (folder / "b.csv").write_text("text\nHuman: 1?\n", encoding="utf-8")
     line = error_line(capsys, [recipe(tmp_path, "sft", dataset_name=str(folder))])
     assert "holds data files of several kinds (csv: b.csv; json: a.jsonl), of which only one kind would be read" in line
+
+
+# --- resume continues the same run -----------------------------------------------------------------------------------
+
+
+def checkpointed_run(tmp_path, sft_data, **settings):
+    out = tmp_path / "out"
+    run_sft([recipe(tmp_path, "sft", dataset_name=sft_data, save_strategy="steps", save_steps=1, max_steps=2,
+                    learning_rate=1e-3, **settings)])
+    return out
+
+
+def test_every_checkpoint_holds_its_recipe(tmp_path, sft_data, quiet):
+    import yaml
+
+    out = checkpointed_run(tmp_path, sft_data)
+    for checkpoint in ("checkpoint-1", "checkpoint-2"):
+        saved = yaml.safe_load((out / checkpoint / "recipe.yaml").read_text())
+        assert saved["learning_rate"] == 1e-3 and saved["dataset_name"] == sft_data
+
+
+def test_resume_with_changed_settings_stops_listing_them(tmp_path, sft_data, capsys, quiet):
+    out = checkpointed_run(tmp_path, sft_data)
+    before = folder_hash(out)
+    line = error_line(capsys, [recipe(tmp_path, "sft", dataset_name=sft_data, save_strategy="steps", save_steps=1,
+                                      max_steps=2, learning_rate=2e-3, per_device_train_batch_size=4),
+                               "--resume_from_checkpoint", str(out / "checkpoint-1")])
+    assert "settings that change the result: learning_rate: 0.001 -> 0.002, per_device_train_batch_size: 2 -> 4" in line
+    assert "--allow_recipe_change=true" in line
+    assert folder_hash(out) == before
+
+
+def test_resume_with_harmless_changes_or_when_allowed(tmp_path, sft_data, caplog, quiet):
+    import yaml
+
+    out = checkpointed_run(tmp_path, sft_data)
+    with caplog.at_level(logging.INFO, logger="alignment.run.resume_check"):
+        run_sft([recipe(tmp_path, "sft", dataset_name=sft_data, save_strategy="steps", save_steps=1, max_steps=2,
+                        learning_rate=1e-3, logging_steps=2), "--resume_from_checkpoint", str(out / "checkpoint-1")])
+    assert any("other logging/saving settings: logging_steps: 10 -> 2" in r.getMessage() for r in caplog.records), [
+        r.getMessage() for r in caplog.records]
+    assert not (out / "recipe-changes.yaml").exists()
+    run_sft([recipe(tmp_path, "sft", dataset_name=sft_data, save_strategy="steps", save_steps=1, max_steps=3,
+                    learning_rate=1e-3), "--resume_from_checkpoint", str(out / "checkpoint-2"),
+             "--allow_recipe_change=true"])
+    changes = yaml.safe_load((out / "recipe-changes.yaml").read_text())
+    assert changes[-1]["resumed"] == str(out / "checkpoint-2")
+    assert changes[-1]["changes"] == {"max_steps": {"was": 2, "now": 3}}
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["max_steps"] == 3
+
+
+def test_a_failed_resume_of_a_finished_run_keeps_its_card_and_recipe(tmp_path, sft_data, capsys, quiet, monkeypatch):
+    from alignment.training import SFTTrainer
+
+    out = checkpointed_run(tmp_path, sft_data)
+    card, saved_recipe = (out / "README.md").read_bytes(), (out / "recipe.yaml").read_bytes()
+    compute_loss = SFTTrainer.compute_loss
+
+    def poisoned(self, model, inputs, *args, **kwargs):
+        loss = compute_loss(self, model, inputs, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step == 2 else loss
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", poisoned)
+    line = error_line(capsys, [recipe(tmp_path, "sft", dataset_name=sft_data, save_strategy="steps", save_steps=1,
+                                      max_steps=4, learning_rate=1e-3),
+                               "--resume_from_checkpoint", str(out / "checkpoint-1"), "--allow_recipe_change=true"])
+    assert "non-finite loss" in line
+    assert (out / "README.md").read_bytes() == card and (out / "recipe.yaml").read_bytes() == saved_recipe

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from transformers import set_seed
 from trl import get_peft_config
 
@@ -31,7 +32,8 @@ from ..training.checkpoints import check_output_dir, clear_previous_run, resume_
 from .arguments import DataArguments, ModelArguments
 from .folder_lock import RunFolderLock
 from .integrations import hub_push_possible, prepare_wandb, push_folder
-from .recipe import parse_recipe, save_resolved_recipe
+from .recipe import RESOLVED_RECIPE, parse_recipe, resolved_recipe, save_resolved_recipe
+from .resume_check import check_resume_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,9 @@ def run(stage: Stage, argv: list[str]) -> Path:
 def train_stage(stage: Stage, model_args: ModelArguments, data_args: DataArguments, args: Any, wants_push: bool) -> Path:
     """Everything after parsing, inside the folder lock: output folder, model, data, trainer, train, save, push."""
     resume = prepare_output(args)
+    recipe = resolved_recipe(model_args, data_args, args)
+    if resume is not None:  # the checkpoint continues the run it was saved in, not another one
+        check_resume_recipe(resume, recipe, args.output_dir, args.allow_recipe_change)
     model, tokenizer = load_model_and_tokenizer(
         model_args.model_name_or_path, tokenizer_name_or_path=model_args.tokenizer_name_or_path,
         max_length=args.max_length, **model_loading(model_args, args.trust_remote_code),
@@ -96,6 +101,7 @@ def train_stage(stage: Stage, model_args: ModelArguments, data_args: DataArgumen
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
         )
+        trainer.checkpoint_files = {RESOLVED_RECIPE: yaml.safe_dump(recipe, sort_keys=True)}
         output_dir = train_and_save(trainer, model_args, data_args, args, stage, resume=resume)
         if wants_push and trainer.is_world_process_zero():
             push_folder(output_dir, args.hub_model_id or output_dir.name, token=hub_token)
@@ -259,7 +265,8 @@ def train_and_save(trainer, model_args, data_args, args, stage: Stage, resume: s
     if trainer.is_world_process_zero():  # one writer: processes writing it at once race on recipe.yaml.tmp
         if args.overwrite_output_dir and resume is None:  # the new run has its model and data: now the old one goes
             clear_previous_run(output_dir)
-        save_resolved_recipe(output_dir, model_args, data_args, args)
+        if resume is None or not (output_dir / RESOLVED_RECIPE).exists():  # a resumed run's: rewritten at the end
+            save_resolved_recipe(output_dir, model_args, data_args, args)
     trainer.accelerator.wait_for_everyone()
     result = trainer.train(resume_from_checkpoint=resume)  # a signal: TrainingInterrupted, after a checkpoint
     trainer.log_metrics("train", result.metrics)
@@ -272,6 +279,7 @@ def train_and_save(trainer, model_args, data_args, args, stage: Stage, resume: s
     trainer.args.push_to_hub = False  # else save_model pushes by itself, before the card exists; ours comes after
     trainer.save_model(str(output_dir))  # on every process: with FSDP or ZeRO-3, gathering the weights is collective
     if trainer.is_world_process_zero():
+        save_resolved_recipe(output_dir, model_args, data_args, args)
         save_run(trainer, model_args, data_args, output_dir, stage.name)
     return output_dir
 

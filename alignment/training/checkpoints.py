@@ -272,6 +272,7 @@ class AtomicCheckpointsMixin:
     """
 
     _staging_run_dir: str | None = None
+    checkpoint_files: dict[str, str] | None = None  # name -> text written into every checkpoint (the run's recipe)
 
     def _get_output_dir(self, trial: Any) -> str:
         if self._staging_run_dir is not None:
@@ -286,14 +287,20 @@ class AtomicCheckpointsMixin:
             shutil.rmtree(staging)
         self.accelerator.wait_for_everyone()
         self._staging_run_dir = str(staging)
+        card = run_dir / "README.md"  # TRL rewrites the run's card at every save: a finished run's card stays
+        kept_card = card.read_bytes() if self.args.should_save and card.is_file() else None
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_run_dir = None
+            if kept_card is not None:
+                card.write_bytes(kept_card)
         self.accelerator.wait_for_everyone()  # every process has written its files (rng states, shards)
         if self.args.should_save:
             final = run_dir / name
             staged = staging / name
+            for file_name, text in (self.checkpoint_files or {}).items():
+                (staged / file_name).write_text(text, encoding="utf-8")
             if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
                 self.state.best_model_checkpoint = str(final)
                 self.state.save_to_json(str(staged / TRAINER_STATE))
