@@ -14,10 +14,10 @@ import torch
 import transformers
 
 from alignment import AlignmentGPT2Config, AlignmentGPT2ForCausalLM
-from alignment.run.cli import run_cli
 from alignment.evaluation import HH_HUMAN, cut_at, generate, preference_scores, reward_model_judge, win_rate_from_counts
 from alignment.evaluation import report as evaluate_command
 from alignment.evaluation import sampling as generate_command
+from alignment.run.cli import run_cli
 from tests.conftest import preference_rows
 
 REPO = Path(__file__).resolve().parents[1]

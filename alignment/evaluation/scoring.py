@@ -6,13 +6,16 @@ reply has the higher per-token-averaged log-prob under the policy alone).
 
 The log-probs come the way the DPO trainer computes them: each pair is one packed sequence [prompt, chosen,
 rejected] (`SharedPrefixPreferenceCollator`, the prompt computed once, pairs packed into rows without padding) and
-the model's log-prob head scores only the reply tokens; policy and reference run on each batch in turn, one pass
-over the data. `prefix_sharing=False` gives one right-padded row per reply instead (`reply_logps`), for models that
-do not take 4D attention masks; both give the same numbers.
+the model's log-prob head scores only the reply tokens (`layouts.score_batch`); policy and reference run on each
+batch in turn, one pass over the data. `prefix_sharing=False` gives one right-padded row per reply instead
+(`reply_logps`), as does a model for which the packed layout would not be exact (`layouts.prefix_sharing_problem`:
+recurrent or convolutional layers, a sliding window shorter than the pairs, a model ignoring 4D attention masks).
+Both layouts give the same numbers (sums taken in float64).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -20,10 +23,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..training.dpo import ScoredTokens
+from ..training.layouts import ScoredTokens, prefix_sharing_problem, score_batch
 from ..training.logprobs import IGNORE_INDEX, add_logprob_head
 from ..training.losses import ReplyLogps, preference_loss
 from ..training.shared_prefix import SharedPrefixPreferenceCollator
+
+logger = logging.getLogger(__name__)
+REPLY_FIELDS = ("chosen", "rejected", "chosen_length", "rejected_length")
 
 
 @torch.no_grad()
@@ -35,7 +41,8 @@ def reply_logps(
     batch_size: int = 32,
     progress: Callable[[int], object] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of each reply given its prompt, and the reply lengths in tokens (EOS included).
+    """Summed log-probs of each reply given its prompt (float64 sums of the model's float32 log-probs), and the reply
+    lengths in tokens (EOS included), one right-padded row a reply.
 
     `progress`, if given, is called with the number of rows after each batch (e.g. a tqdm bar's `update`).
     """
@@ -58,7 +65,7 @@ def reply_logps(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device),
             token_logps=True,
         )
-        sums.append(token_logps.sum(-1).float().cpu())
+        sums.append(token_logps.float().cpu().double().sum(-1))  # float64 sums: the order of the terms never shows
         lengths.append((labels[:, 1:] != IGNORE_INDEX).sum(-1))
         if progress is not None:
             progress(len(rows))
@@ -104,11 +111,11 @@ def shared_prefix_logps(
 
     `progress`, if given, is called after each batch with the number of sequences scored (two a pair and model).
     """
-    collator = SharedPrefixPreferenceCollator(tokenizer.pad_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # padding is masked: any id does
+    collator = SharedPrefixPreferenceCollator(pad)
     for model in models:
         add_logprob_head(model)
         model.eval()
-    inputs = ("input_ids", "attention_mask", "position_ids", "score_positions", "score_targets")
     parts: list[list[ReplyLogps]] = [[] for _ in models]
     for start in range(0, len(pairs), batch_size):
         rows = pairs[start : start + batch_size]
@@ -121,20 +128,32 @@ def shared_prefix_logps(
         owner = torch.tensor(owners)
         for model, part in zip(models, parts):
             device = next(model.parameters()).device
-            logps = model(**{key: batch[key].to(device) for key in inputs}, token_logps=True)
-            scored = ScoredTokens(logps.float().cpu(), batch["score_pairs"], batch["score_rejected"], len(entries))
+            scored = score_batch(model, {key: value.to(device) for key, value in batch.items()})
+            scored = ScoredTokens(scored.logps.float().cpu().double(), scored.pairs.cpu(), scored.rejected.cpu(),
+                                  scored.num_pairs)  # summed in float64, as `reply_logps` sums
             by_entry = scored.reply_logps()  # an entry is a pair, or one reply of a pair whose prompts differ
             part.append(ReplyLogps(*(
                 values.new_zeros(len(rows)).index_add(0, owner, values)
-                for values in (by_entry.chosen, by_entry.rejected, by_entry.chosen_length, by_entry.rejected_length)
-            )))
+                for values in (getattr(by_entry, name) for name in REPLY_FIELDS)
+            )))  # fmt: skip
         if progress is not None:
             progress(2 * len(models) * len(rows))
-    return [
-        ReplyLogps(*(torch.cat([getattr(p, name) for p in part]) for name in
-                     ("chosen", "rejected", "chosen_length", "rejected_length")))
-        for part in parts
-    ]
+    return [ReplyLogps(*(torch.cat([getattr(p, name) for p in part]) for name in REPLY_FIELDS)) for part in parts]
+
+
+def shared_prefix_problem(
+    models: Sequence[PreTrainedModel], tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict[str, str]]
+) -> str | None:
+    """Why packing these pairs would not give some model the log-probs of separate rows (the trainer's rule,
+    `prefix_sharing_problem`, with the longest sequence of the pairs); None when it is exact for every model."""
+    longest = max(len(prompt) + max(len(chosen), len(rejected))
+                  for row in pairs for prompt, chosen, rejected in pair_entries(tokenizer, row))
+    for model in models:
+        add_logprob_head(model)  # the probe scores through the log-prob head
+        problem = prefix_sharing_problem(model, longest)
+        if problem is not None:
+            return problem
+    return None
 
 
 def fit_pairs(
@@ -182,8 +201,8 @@ def preference_scores(
 
     `batch_size` counts pairs (with `prefix_sharing`) or rows of one reply each (without). `max_samples` scores the
     first pairs only; `progress` shows a tqdm bar (on stderr) over every scored sequence. `prefix_sharing=False`
-    scores each reply in its own padded row, for models that do not take 4D attention masks (see the module
-    docstring).
+    scores each reply in its own padded row, as happens anyway, with a warning, for a model that the packed layout
+    would give other log-probs (see the module docstring).
     """
     if max_samples is not None:
         pairs = pairs[:max_samples]
@@ -192,6 +211,11 @@ def preference_scores(
     models = [policy] if reference is None or reference is policy else [policy, reference]
     bar = tqdm(total=2 * len(models) * len(pairs), desc="scoring pairs", unit="seq", disable=not progress,
                leave=False)
+    if prefix_sharing:
+        problem = shared_prefix_problem(models, tokenizer, pairs)
+        if problem is not None:
+            logger.warning("prefix sharing is off for this model: %s; each reply gets its own padded row", problem)
+            prefix_sharing = False
     with bar:
         if prefix_sharing:
             scored = shared_prefix_logps(models, tokenizer, pairs, batch_size, progress=bar.update)
