@@ -229,3 +229,13 @@ def test_a_failed_resume_of_a_finished_run_keeps_its_card_and_recipe(tmp_path, s
                                "--resume_from_checkpoint", str(out / "checkpoint-1"), "--allow_recipe_change=true"])
     assert "non-finite loss" in line
     assert (out / "README.md").read_bytes() == card and (out / "recipe.yaml").read_bytes() == saved_recipe
+
+
+@pytest.mark.parametrize(("name", "content"), [("empty.jsonl", ""), ("empty.json", "[]"), ("blank.txt", "\n\n")])
+def test_generate_refuses_an_empty_prompts_file(name, content, tmp_path):
+    from alignment.evaluation.sampling import read_prompts
+
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{name} holds no prompts"):
+        read_prompts(str(path))

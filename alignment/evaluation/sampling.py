@@ -103,14 +103,18 @@ def read_prompts(path: str) -> list[str]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path} line {number} is not JSON: {error}") from None
-        return [_prompt_of(row, f"{path} line {number}") for number, row in enumerate(rows, 1)]
-    if suffix == ".json":
-        rows = json.loads(text)
+        prompts = [_prompt_of(row, f"{path} line {number}") for number, row in enumerate(rows, 1)]
+    elif suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not JSON: {error}") from None
         if not isinstance(rows, list):
             raise ValueError(f"{path} should hold a JSON list of prompts or of objects with a 'prompt' field")
-        return [_prompt_of(row, f"{path} item {number}") for number, row in enumerate(rows, 1)]
-    prompts = [unescape(line) for line in text.splitlines() if line.strip()]
-    if not prompts:
+        prompts = [_prompt_of(row, f"{path} item {number}") for number, row in enumerate(rows, 1)]
+    else:
+        prompts = [unescape(line) for line in text.splitlines() if line.strip()]
+    if not prompts:  # an empty result would look like a successful run
         raise ValueError(f"{path} holds no prompts")
     return prompts
 
