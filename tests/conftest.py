@@ -14,7 +14,15 @@ import pytest  # noqa: E402  (the Hugging Face libraries read the variables abov
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-TINY = {"vocab_size": 97, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "bos_token_id": 96, "eos_token_id": 96}
+TINY = {
+    "vocab_size": 97,
+    "n_positions": 64,
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 4,
+    "bos_token_id": 96,
+    "eos_token_id": 96,
+}
 
 
 @pytest.fixture
@@ -54,13 +62,29 @@ def tiny_causal_lms():
             AlignmentGPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=4)
         ),
         "transformers-gpt2": lambda: transformers.GPT2LMHeadModel(
-            transformers.GPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=4,
-                                    embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+            transformers.GPT2Config(
+                vocab_size=vocab,
+                n_positions=128,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                resid_pdrop=0.0,
+            )
         ),
         "transformers-llama": lambda: transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                     bos_token_id=50256, eos_token_id=50256)
+            transformers.LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+                bos_token_id=50256,
+                eos_token_id=50256,
+            )
         ),
     }
 

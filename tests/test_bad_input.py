@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from alignment.training.checkpoints import check_output_dir, clear_previous_run
 from alignment.run.cli import run_cli
 from alignment.run.pipeline import run_dpo, run_sft
+from alignment.training.checkpoints import check_output_dir, clear_previous_run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 64}
@@ -70,9 +70,14 @@ def env(tmp_path_factory):
         "qa": write_jsonl(data / "qa.jsonl", [{"question": "q", "answer": "a"}] * 4),
         "identical": write_jsonl(data / "identical.jsonl", [pair(i, rejected=f" {i + 1}") for i in range(6)]),
         "long_prompts": write_jsonl(data / "long.jsonl", [pair(i, prompt="Human: " + "why " * 40) for i in range(6)]),
-        "all_bad": write_jsonl(data / "all_bad.jsonl", [
-            pair(0, rejected=" 1"), pair(1, prompt="Human: " + "why " * 40), pair(2, chosen=""),
-        ]),
+        "all_bad": write_jsonl(
+            data / "all_bad.jsonl",
+            [
+                pair(0, rejected=" 1"),
+                pair(1, prompt="Human: " + "why " * 40),
+                pair(2, chosen=""),
+            ],
+        ),
         "empty": str(data / "empty.jsonl"),
         "broken_json": str(data / "broken.jsonl"),
         "latin1": str(data / "latin1.jsonl"),
@@ -84,10 +89,12 @@ def env(tmp_path_factory):
     Path(files["txt"]).write_text("hello\n")
 
     models = root / "models"
-    BertForMaskedLM(BertConfig(vocab_size=99, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=32)).save_pretrained(models / "bert")
-    vit = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=8,
-                    patch_size=4)
+    BertForMaskedLM(
+        BertConfig(vocab_size=99, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(models / "bert")
+    vit = ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=8, patch_size=4
+    )
     ViTForImageClassification(vit).save_pretrained(models / "vit")
     T5Config(d_model=16, num_layers=1, num_heads=2, d_ff=32, vocab_size=99).save_pretrained(models / "t5")
     GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
@@ -113,8 +120,12 @@ def recipe(tmp_path, stage, **settings):
 CASES = {
     # --- the recipe ---
     "unknown recipe key": ("dpo", {"betta": 0.1}, [], ["unknown recipe key 'betta'", "did you mean", "beta"]),
-    "unknown command-line key": ("dpo", {}, ["--lerning_rate=1e-3"],
-                                 ["unknown command-line key 'lerning_rate'", "learning_rate"]),
+    "unknown command-line key": (
+        "dpo",
+        {},
+        ["--lerning_rate=1e-3"],
+        ["unknown command-line key 'lerning_rate'", "learning_rate"],
+    ),
     "wrong value type": ("dpo", {"beta": "abc"}, [], ["recipe key 'beta'", "'abc' is not a valid float"]),
     "value not among the choices": ("sft", {"lr_scheduler_type": "cosin"}, [], ["'lr_scheduler_type'", "cosine"]),
     "wrong type on the command line": ("dpo", {}, ["--max_steps", "two"], ["max_steps", "int"]),
@@ -123,66 +134,163 @@ CASES = {
     "beta <= 0": ("dpo", {"beta": 0.0}, [], ["beta must be > 0", "got 0.0"]),
     "no model given": ("sft", {"model_config": None}, [], ["set model_name_or_path", "model_config"]),
     "no data given": ("sft", {"dataset_name": None}, [], ["set dataset_name", "datasets"]),
-    "unknown model_config_overrides field": ("sft", {"model_config_overrides": {"n_layers": 1}}, [],
-                                             ["unknown config fields 'n_layers'", "did you mean n_layer"]),
+    "unknown model_config_overrides field": (
+        "sft",
+        {"model_config_overrides": {"n_layers": 1}},
+        [],
+        ["unknown config fields 'n_layers'", "did you mean n_layer"],
+    ),
     # --- data ---
-    "missing local dataset file": ("dpo", {"dataset_name": "{root}/data/nope.jsonl"}, [],
-                                   ["nope.jsonl: no such file or directory"]),
-    "dataset neither here nor on the Hub": ("dpo", {"dataset_name": "someone/no-such-dataset"}, [],
-                                            ["cannot load the data someone/no-such-dataset", "Hub"]),
-    "dataset without the needed columns": ("dpo", {"dataset_name": "{qa}"}, [],
-                                           ["columns ['question', 'answer']", "no known preference format",
-                                            "prompt, chosen, rejected"]),
-    "explicit format without its columns": ("sft", {"dataset_name": "{dpo}", "dataset_format": "text"}, [],
-                                            ["format 'text' needs columns ['text']", "missing ['text']"]),
-    "chosen identical to rejected (every row)": ("dpo", {"dataset_name": "{identical}"}, [],
-                                                 ["all 6 rows were dropped", "chosen identical to rejected: 6"]),
-    "prompts longer than the budget (every row)": ("dpo", {"dataset_name": "{long_prompts}"}, [],
-                                                   ["all 6 rows were dropped",
-                                                    "prompt longer than max_prompt_length: 6"]),
-    "nothing left, several reasons": ("dpo", {"dataset_name": "{all_bad}"}, [],
-                                      ["all 3 rows were dropped", "chosen identical to rejected: 1",
-                                       "prompt longer than max_prompt_length: 1", "missing or empty field: 1"]),
+    "missing local dataset file": (
+        "dpo",
+        {"dataset_name": "{root}/data/nope.jsonl"},
+        [],
+        ["nope.jsonl: no such file or directory"],
+    ),
+    "dataset neither here nor on the Hub": (
+        "dpo",
+        {"dataset_name": "someone/no-such-dataset"},
+        [],
+        ["cannot load the data someone/no-such-dataset", "Hub"],
+    ),
+    "dataset without the needed columns": (
+        "dpo",
+        {"dataset_name": "{qa}"},
+        [],
+        ["columns ['question', 'answer']", "no known preference format", "prompt, chosen, rejected"],
+    ),
+    "explicit format without its columns": (
+        "sft",
+        {"dataset_name": "{dpo}", "dataset_format": "text"},
+        [],
+        ["format 'text' needs columns ['text']", "missing ['text']"],
+    ),
+    "chosen identical to rejected (every row)": (
+        "dpo",
+        {"dataset_name": "{identical}"},
+        [],
+        ["all 6 rows were dropped", "chosen identical to rejected: 6"],
+    ),
+    "prompts longer than the budget (every row)": (
+        "dpo",
+        {"dataset_name": "{long_prompts}"},
+        [],
+        ["all 6 rows were dropped", "prompt longer than max_prompt_length: 6"],
+    ),
+    "nothing left, several reasons": (
+        "dpo",
+        {"dataset_name": "{all_bad}"},
+        [],
+        [
+            "all 3 rows were dropped",
+            "chosen identical to rejected: 1",
+            "prompt longer than max_prompt_length: 1",
+            "missing or empty field: 1",
+        ],
+    ),
     "empty data file": ("dpo", {"dataset_name": "{empty}"}, [], ["empty.jsonl is empty"]),
-    "malformed JSON lines": ("dpo", {"dataset_name": "{broken_json}"}, [],
-                             ["cannot load the data", "broken.jsonl", "JSON parse error"]),
+    "malformed JSON lines": (
+        "dpo",
+        {"dataset_name": "{broken_json}"},
+        [],
+        ["cannot load the data", "broken.jsonl", "JSON parse error"],
+    ),
     "non-UTF-8 text": ("dpo", {"dataset_name": "{latin1}"}, [], ["latin1.jsonl is not valid UTF-8", "re-encode"]),
     "unsupported data file type": ("sft", {"dataset_name": "{txt}"}, [], ["notes.txt: unsupported file type"]),
-    "mixture fraction out of range": ("sft", {"datasets": [{"path": "{sft}", "fraction": 1.5}]}, [],
-                                      ["fraction must be in (0, 1]", "got 1.5"]),
-    "held-out split of a single file": ("sft", {"dataset_test_split": "test"}, [],
-                                        ["a single file has no 'test' split"]),
+    "mixture fraction out of range": (
+        "sft",
+        {"datasets": [{"path": "{sft}", "fraction": 1.5}]},
+        [],
+        ["fraction must be in (0, 1]", "got 1.5"],
+    ),
+    "held-out split of a single file": (
+        "sft",
+        {"dataset_test_split": "test"},
+        [],
+        ["a single file has no 'test' split"],
+    ),
     # --- the model ---
-    "model path that does not exist": ("dpo", {"model_name_or_path": "{root}/models/missing"}, [],
-                                       ["models/missing: no such folder"]),
-    "model id neither here nor on the Hub": ("dpo", {"model_name_or_path": "someone/no-such-model"}, [],
-                                             ["cannot load the model 'someone/no-such-model'", "Hub"]),
-    "model path is a file": ("dpo", {"model_name_or_path": "{root}/models/weights.safetensors"}, [],
-                             ["must be a checkpoint folder or a Hub id, not a file"]),
-    "model folder without config.json": ("dpo", {"model_name_or_path": "{root}/models/no-config"}, [],
-                                         ["folder without a config.json"]),
-    "a BERT checkpoint": ("sft", {"model_name_or_path": "{root}/models/bert"}, [],
-                          ["BertForMaskedLM ('bert')", "not a causal language model"]),
-    "a vision checkpoint": ("dpo", {"model_name_or_path": "{root}/models/vit"}, [],
-                            ["'vit' model", "not a causal language model"]),
-    "an encoder-decoder config": ("sft", {"model_config": "{root}/models/t5", "model_config_overrides": None}, [],
-                                  ["'t5' encoder-decoder model", "not a causal language model"]),
-    "tokenizer that does not match the vocabulary": ("dpo", {"model_name_or_path": "{root}/models/gpt2-vocab97"}, [],
-                                                     ["tokenizer has 50257 tokens", "embedding has only 97"]),
-    "max_length above the model's positions": ("sft", {"max_length": 128}, [],
-                                               ["max_length 128 exceeds the model's 64 positions"]),
-    "LoRA target module not in the model": ("dpo", {"use_peft": True, "lora_target_modules": ["c_attn", "q_proj"]},
-                                            [], ["lora_target_modules ['q_proj'] match no module", "c_attn",
-                                                 "c_fc", "c_proj"]),
+    "model path that does not exist": (
+        "dpo",
+        {"model_name_or_path": "{root}/models/missing"},
+        [],
+        ["models/missing: no such folder"],
+    ),
+    "model id neither here nor on the Hub": (
+        "dpo",
+        {"model_name_or_path": "someone/no-such-model"},
+        [],
+        ["cannot load the model 'someone/no-such-model'", "Hub"],
+    ),
+    "model path is a file": (
+        "dpo",
+        {"model_name_or_path": "{root}/models/weights.safetensors"},
+        [],
+        ["must be a checkpoint folder or a Hub id, not a file"],
+    ),
+    "model folder without config.json": (
+        "dpo",
+        {"model_name_or_path": "{root}/models/no-config"},
+        [],
+        ["folder without a config.json"],
+    ),
+    "a BERT checkpoint": (
+        "sft",
+        {"model_name_or_path": "{root}/models/bert"},
+        [],
+        ["BertForMaskedLM ('bert')", "not a causal language model"],
+    ),
+    "a vision checkpoint": (
+        "dpo",
+        {"model_name_or_path": "{root}/models/vit"},
+        [],
+        ["'vit' model", "not a causal language model"],
+    ),
+    "an encoder-decoder config": (
+        "sft",
+        {"model_config": "{root}/models/t5", "model_config_overrides": None},
+        [],
+        ["'t5' encoder-decoder model", "not a causal language model"],
+    ),
+    "tokenizer that does not match the vocabulary": (
+        "dpo",
+        {"model_name_or_path": "{root}/models/gpt2-vocab97"},
+        [],
+        ["tokenizer has 50257 tokens", "embedding has only 97"],
+    ),
+    "max_length above the model's positions": (
+        "sft",
+        {"max_length": 128},
+        [],
+        ["max_length 128 exceeds the model's 64 positions"],
+    ),
+    "LoRA target module not in the model": (
+        "dpo",
+        {"use_peft": True, "lora_target_modules": ["c_attn", "q_proj"]},
+        [],
+        ["lora_target_modules ['q_proj'] match no module", "c_attn", "c_fc", "c_proj"],
+    ),
     # --- the output folder and resuming ---
     "output folder not writable": ("sft", {"output_dir": "{root}/a-file/out"}, [], ["is not writable"]),
     "output folder is a file": ("sft", {"output_dir": "{root}/a-file"}, [], ["exists and is not a folder"]),
-    "resume path that does not exist": ("sft", {"resume_from_checkpoint": "{root}/runs/checkpoint-9"}, [],
-                                        ["resume_from_checkpoint", "checkpoint-9 does not exist"]),
-    "resume path with no checkpoint": ("sft", {"resume_from_checkpoint": "{root}/data"}, [],
-                                       ["data is not a complete checkpoint (no trainer_state.json)"]),
-    "resume=true with nothing to resume": ("dpo", {"resume_from_checkpoint": "true"}, [],
-                                           ["resume_from_checkpoint=true", "holds no complete checkpoint"]),
+    "resume path that does not exist": (
+        "sft",
+        {"resume_from_checkpoint": "{root}/runs/checkpoint-9"},
+        [],
+        ["resume_from_checkpoint", "checkpoint-9 does not exist"],
+    ),
+    "resume path with no checkpoint": (
+        "sft",
+        {"resume_from_checkpoint": "{root}/data"},
+        [],
+        ["data is not a complete checkpoint (no trainer_state.json)"],
+    ),
+    "resume=true with nothing to resume": (
+        "dpo",
+        {"resume_from_checkpoint": "true"},
+        [],
+        ["resume_from_checkpoint=true", "holds no complete checkpoint"],
+    ),
 }
 
 
@@ -252,8 +360,11 @@ def test_catalogue_is_large_enough():
 def test_a_new_run_never_overwrites_a_saved_one(env, tmp_path, capsys, quiet_env):
     out = tmp_path / "out"
     (out / "checkpoint-2").mkdir(parents=True)
-    saved = {"model.safetensors": b"weights of a finished run", "recipe.yaml": b"seed: 1\n",
-             "checkpoint-2/trainer_state.json": b"{}"}
+    saved = {
+        "model.safetensors": b"weights of a finished run",
+        "recipe.yaml": b"seed: 1\n",
+        "checkpoint-2/trainer_state.json": b"{}",
+    }
     for name, content in saved.items():
         (out / name).write_bytes(content)
     line = error_line(capsys, "sft", [recipe(tmp_path, "sft", dataset_name=env.files["sft"])])
@@ -296,8 +407,12 @@ def test_real_processes_exit_non_zero_with_one_line(env, tmp_path):
     """Two failures at different stages (a missing file; no row left after filtering, after the model has loaded and
     the data has logged its warnings), and one with ALIGNMENT_DEBUG=1, which shows the traceback."""
     runs = {
-        "missing data": ("run_dpo.py", {"dataset_name": str(env.root / "data" / "nope.jsonl")}, {},
-                         "no such file or directory"),
+        "missing data": (
+            "run_dpo.py",
+            {"dataset_name": str(env.root / "data" / "nope.jsonl")},
+            {},
+            "no such file or directory",
+        ),
         "nothing left": ("run_dpo.py", {"dataset_name": env.files["all_bad"]}, {}, "all 3 rows were dropped"),
         "debug": ("run_dpo.py", {"dataset_name": env.files["identical"]}, {"ALIGNMENT_DEBUG": "1"}, None),
     }
@@ -309,8 +424,12 @@ def test_real_processes_exit_non_zero_with_one_line(env, tmp_path):
         folder.mkdir()
         path = recipe(folder, "x", **settings)
         processes[name] = subprocess.Popen(
-            [sys.executable, f"scripts/{script}", path], cwd=REPO, env={**base_env, **extra_env},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, f"scripts/{script}", path],
+            cwd=REPO,
+            env={**base_env, **extra_env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
     for name, process in processes.items():
         out, err = process.communicate(timeout=300)

@@ -260,9 +260,7 @@ def test_held_out_split_comes_from_the_source_when_asked(tmp_path):
     write_jsonl(folder / "test.jsonl", [hh_row(100 + i) for i in range(5)])
     extra = write_jsonl(tmp_path / "extra.jsonl", [preference_row(200 + i) for i in range(10)])
 
-    mixture = load_preference_dataset(
-        [{"path": str(folder), "eval_split": "test"}, str(extra)], test_size=0.2, seed=0
-    )
+    mixture = load_preference_dataset([{"path": str(folder), "eval_split": "test"}, str(extra)], test_size=0.2, seed=0)
     assert (mixture.num_rows["train"], mixture.num_rows["test"]) == (28, 7)
     test_prompts = list(mixture["test"]["prompt"])
     assert sum(f"question {100 + i}?" in prompt for prompt in test_prompts for i in range(5)) == 5

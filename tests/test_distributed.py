@@ -32,7 +32,7 @@ PROCESSES = 2
 
 # Runs `run_dpo` like scripts/run_dpo.py; grabs the trainer on its way into `train_and_save` (the weights before
 # training), then each rank writes rank{N}_initial.safetensors, rank{N}.safetensors and rank{N}.json.
-WRAPPER = '''
+WRAPPER = """
 import json, os, sys
 
 import torch
@@ -74,7 +74,7 @@ info = {
     "log_history": trainer.state.log_history,
 }
 (output_dir / f"rank{rank}.json").write_text(json.dumps(info))
-'''
+"""
 
 
 def free_port() -> int:

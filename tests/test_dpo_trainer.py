@@ -8,19 +8,34 @@ import pytest
 import torch
 import trl
 
+from alignment.training import DPOTrainer
 from alignment.training.configs import DPOConfig
 from alignment.training.logprobs import add_logprob_head
 from alignment.training.losses import preference_loss
-from alignment.training import DPOTrainer
 from tests.conftest import preference_rows, tiny_causal_lms
 
-METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]
+METRICS = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+]
 
 
 def config(tmp_path, config_class=DPOConfig, **overrides):
     settings = dict(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2, logging_steps=1,
-        report_to="none", save_strategy="no", learning_rate=1e-3, bf16=False, seed=0, beta=0.1,
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        learning_rate=1e-3,
+        bf16=False,
+        seed=0,
+        beta=0.1,
     )
     return config_class(**{**settings, **overrides})
 
@@ -49,10 +64,20 @@ def data():
 @pytest.mark.parametrize("model_name", ["ours", "transformers-llama"])
 def test_loss_metrics_and_gradients_equal_stock_trl(tmp_path, gpt2_tokenizer, prefix_sharing, model_name):
     policy, reference = trained_pair(model_name=model_name)
-    ours = DPOTrainer(copy.deepcopy(policy), copy.deepcopy(reference), config(tmp_path, prefix_sharing=prefix_sharing),
-                      train_dataset=data(), processing_class=gpt2_tokenizer)
-    stock = trl.DPOTrainer(copy.deepcopy(policy), copy.deepcopy(reference), config(tmp_path, trl.DPOConfig),
-                           train_dataset=data(), processing_class=gpt2_tokenizer)
+    ours = DPOTrainer(
+        copy.deepcopy(policy),
+        copy.deepcopy(reference),
+        config(tmp_path, prefix_sharing=prefix_sharing),
+        train_dataset=data(),
+        processing_class=gpt2_tokenizer,
+    )
+    stock = trl.DPOTrainer(
+        copy.deepcopy(policy),
+        copy.deepcopy(reference),
+        config(tmp_path, trl.DPOConfig),
+        train_dataset=data(),
+        processing_class=gpt2_tokenizer,
+    )
     ours_batch, stock_batch = batch_of(ours), batch_of(stock)
     if prefix_sharing:  # each prompt once, no padding between pairs
         assert ours_batch["input_ids"].numel() < stock_batch["attention_mask"].sum()
@@ -74,8 +99,9 @@ def test_shared_prefix_with_truncation_and_several_pairs_per_row(tmp_path, gpt2_
     policy, reference = trained_pair()
     kwargs = dict(train_dataset=datasets.Dataset.from_list(rows), processing_class=gpt2_tokenizer)
     shared = DPOTrainer(copy.deepcopy(policy), copy.deepcopy(reference), config(tmp_path, max_length=80), **kwargs)
-    plain = DPOTrainer(copy.deepcopy(policy), copy.deepcopy(reference),
-                       config(tmp_path, max_length=80, prefix_sharing=False), **kwargs)
+    plain = DPOTrainer(
+        copy.deepcopy(policy), copy.deepcopy(reference), config(tmp_path, max_length=80, prefix_sharing=False), **kwargs
+    )
     shared_batch, plain_batch = batch_of(shared, 6), batch_of(plain, 6)
     assert shared_batch["input_ids"].size(0) < 6  # pairs packed several to a row
     assert (plain_batch["attention_mask"].sum(-1) == 80).any()  # some replies really were truncated
@@ -105,14 +131,20 @@ def test_step_zero_loss_is_ln2_with_a_frozen_copy_as_reference(tmp_path, gpt2_to
 
 def test_prompt_terms_cancel_with_real_log_probs(tmp_path, gpt2_tokenizer):
     policy, reference = trained_pair()
-    trainer = DPOTrainer(policy, reference, config(tmp_path, prefix_sharing=False), train_dataset=data(),
-                         processing_class=gpt2_tokenizer)
+    trainer = DPOTrainer(
+        policy, reference, config(tmp_path, prefix_sharing=False), train_dataset=data(), processing_class=gpt2_tokenizer
+    )
     batch = batch_of(trainer)
     whole = {**batch, "completion_mask": batch["attention_mask"]}  # score prompt and reply tokens
     with torch.no_grad():
+
         def loss(inputs):
-            return preference_loss(trainer.scored_tokens(trainer.model, inputs).reply_logps(),
-                                   trainer.scored_tokens(trainer.ref_model, inputs).reply_logps(), beta=0.1).loss
+            return preference_loss(
+                trainer.scored_tokens(trainer.model, inputs).reply_logps(),
+                trainer.scored_tokens(trainer.ref_model, inputs).reply_logps(),
+                beta=0.1,
+            ).loss
+
         assert abs(loss(batch).item() - loss(whole).item()) <= 1e-5
     assert not torch.equal(batch["completion_mask"], batch["attention_mask"])
 
@@ -120,8 +152,9 @@ def test_prompt_terms_cancel_with_real_log_probs(tmp_path, gpt2_tokenizer):
 @pytest.mark.parametrize("model_name", ["ours", "transformers-gpt2", "transformers-llama"])
 def test_trains_any_causal_lm(tmp_path, gpt2_tokenizer, model_name):
     torch.manual_seed(0)
-    trainer = DPOTrainer(tiny_causal_lms()[model_name](), args=config(tmp_path), train_dataset=data(),
-                         processing_class=gpt2_tokenizer)
+    trainer = DPOTrainer(
+        tiny_causal_lms()[model_name](), args=config(tmp_path), train_dataset=data(), processing_class=gpt2_tokenizer
+    )
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
@@ -151,8 +184,14 @@ def test_variants_compute_their_loss(tmp_path, gpt2_tokenizer, overrides):
     with torch.no_grad():
         scored = trainer.scored_tokens(trainer.model, batch)
         ref = None if args.reference_free else trainer.scored_tokens(add_logprob_head(reference), batch).reply_logps()
-    expected = preference_loss(scored.reply_logps(), ref, beta=args.beta, loss_type=args.loss_type[0],
-                               label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma).loss
+    expected = preference_loss(
+        scored.reply_logps(),
+        ref,
+        beta=args.beta,
+        loss_type=args.loss_type[0],
+        label_smoothing=args.label_smoothing,
+        simpo_gamma=args.simpo_gamma,
+    ).loss
     if args.rpo_alpha:
         expected = expected + args.rpo_alpha * -scored.logps[~scored.rejected].mean()
         assert trainer._metrics["train"]["nll_loss"]
@@ -167,8 +206,13 @@ def test_lora_reference_is_the_base_model_with_the_adapter_off(tmp_path, gpt2_to
     model = tiny_causal_lms()["ours"]()
     original = add_logprob_head(copy.deepcopy(model))  # LoRA wraps `model` in place
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model, args=config(tmp_path, learning_rate=1e-2), peft_config=peft_config,
-                         train_dataset=data(), processing_class=gpt2_tokenizer)
+    trainer = DPOTrainer(
+        model,
+        args=config(tmp_path, learning_rate=1e-2),
+        peft_config=peft_config,
+        train_dataset=data(),
+        processing_class=gpt2_tokenizer,
+    )
     assert trainer.ref_model is None  # no second copy of the weights
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
@@ -195,8 +239,13 @@ def test_precomputed_reference_logps_are_cached_on_disk(tmp_path, gpt2_tokenizer
 
     def run(rows):
         args = config(tmp_path, precompute_ref_log_probs=True, ref_logps_cache_dir=str(tmp_path / "cache"))
-        trainer = DPOTrainer(copy.deepcopy(reference), None, args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=gpt2_tokenizer)
+        trainer = DPOTrainer(
+            copy.deepcopy(reference),
+            None,
+            args,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=gpt2_tokenizer,
+        )
         return trainer, trainer.train_dataset
 
     original = DPOTrainer.compute_ref_log_probs

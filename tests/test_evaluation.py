@@ -84,7 +84,7 @@ def test_generate_greedy_matches_model_generate_and_stops_at_eos(gpt2_tokenizer)
     for prompt, (reply,) in zip(prompts, replies):
         ids = gpt2_tokenizer(prompt, return_tensors="pt")["input_ids"]
         single = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=50256, eos_token_id=50256)
-        assert reply == gpt2_tokenizer.decode(single[0, ids.size(1):], skip_special_tokens=True)
+        assert reply == gpt2_tokenizer.decode(single[0, ids.size(1) :], skip_special_tokens=True)
     sampled = generate(model, gpt2_tokenizer, prompts[:1], max_new_tokens=5, do_sample=True, num_return_sequences=3)
     assert len(sampled) == 1 and len(sampled[0]) == 3
     assert gpt2_tokenizer.padding_side == "right"  # restored
@@ -141,13 +141,18 @@ def test_load_preference_pairs_any_shape(tmp_path, gpt2_tokenizer):
     trl = tmp_path / "trl.jsonl"
     trl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     hh = tmp_path / "hh.jsonl"  # Anthropic's shape: whole dialogues
-    hh.write_text("".join(json.dumps({"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]})
-                          + "\n" for r in rows))
+    hh.write_text(
+        "".join(
+            json.dumps({"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}) + "\n"
+            for r in rows
+        )
+    )
     assert load_preference_pairs(trl) == rows
     assert load_preference_pairs(hh, max_samples=2) == rows[:2]
     kept, dropped = fit_pairs(rows, gpt2_tokenizer, 22)
-    lengths = [max(len(gpt2_tokenizer(r["prompt"] + r[k])["input_ids"]) + 1 for k in ("chosen", "rejected"))
-               for r in rows]
+    lengths = [
+        max(len(gpt2_tokenizer(r["prompt"] + r[k])["input_ids"]) + 1 for k in ("chosen", "rejected")) for r in rows
+    ]
     assert kept == [r for r, n in zip(rows, lengths) if n <= 22] and dropped == sum(n > 22 for n in lengths) > 0
     with pytest.raises(DataFormatError, match="no such file"):
         load_preference_pairs(tmp_path / "missing.jsonl")
@@ -195,8 +200,10 @@ def test_judged_win_rate_with_a_callable_judge(gpt2_tokenizer):
         said_yes = float("yes" in reply)
         return said_yes if "good" in prompt else -said_yes if "bad" in prompt else 0.0
 
-    prompts = [f"\n\nHuman: {kind} question {i}?\n\nAssistant:"
-               for kind, i in (("good", 1), ("good", 2), ("good", 3), ("plain", 4), ("bad", 5), ("bad", 6))]
+    prompts = [
+        f"\n\nHuman: {kind} question {i}?\n\nAssistant:"
+        for kind, i in (("good", 1), ("good", 2), ("good", 3), ("plain", 4), ("bad", 5), ("bad", 6))
+    ]
     result = judged_win_rate(policy, reference, gpt2_tokenizer, prompts, judge, max_new_tokens=3)
     assert (result.wins, result.ties, result.losses) == (3, 1, 2)
     assert result.win_rate == 3.5 / 6
@@ -211,8 +218,9 @@ def test_judged_win_rate_with_a_callable_judge(gpt2_tokenizer):
 
 def tiny_reward_model(num_labels=1):
     torch.manual_seed(1)
-    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=16, n_layer=1, n_head=2,
-                                     num_labels=num_labels, pad_token_id=50256)
+    config = transformers.GPT2Config(
+        vocab_size=50257, n_positions=64, n_embd=16, n_layer=1, n_head=2, num_labels=num_labels, pad_token_id=50256
+    )
     return transformers.GPT2ForSequenceClassification(config).eval()
 
 
@@ -223,8 +231,10 @@ def test_reward_model_judge_scores_the_last_logit(gpt2_tokenizer):
         model = tiny_reward_model(num_labels)
         judge = reward_model_judge(model, gpt2_tokenizer, batch_size=2)
         with torch.no_grad():
-            direct = [model(**gpt2_tokenizer(p + r, return_tensors="pt")).logits[0, -1].item()
-                      for p, r in zip(prompts, replies)]
+            direct = [
+                model(**gpt2_tokenizer(p + r, return_tensors="pt")).logits[0, -1].item()
+                for p, r in zip(prompts, replies)
+            ]
         batched = judge.score_batch(prompts, replies)  # right-padded together
         assert max(abs(a - b) for a, b in zip(batched, direct)) < 1e-5
         assert abs(judge(prompts[1], replies[1]) - direct[1]) < 1e-5

@@ -46,8 +46,9 @@ def quiet_loading():
 
 def tiny_gpt2(seed):
     torch.manual_seed(seed)
-    return AlignmentGPT2ForCausalLM(AlignmentGPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=4,
-                                                        n_positions=128)).eval()
+    return AlignmentGPT2ForCausalLM(
+        AlignmentGPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    ).eval()
 
 
 def save(model, tokenizer, folder):
@@ -67,13 +68,20 @@ def checkpoints(tmp_path_factory, gpt2_tokenizer):
         eos_model.transformer.ln_f.bias.copy_(v)
         eos_model.transformer.wte.weight[gpt2_tokenizer.eos_token_id] = 100 * v
     torch.manual_seed(3)
-    judge = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
-        vocab_size=50257, n_positions=128, n_embd=16, n_layer=1, n_head=2, num_labels=1, pad_token_id=50256))
+    judge = transformers.GPT2ForSequenceClassification(
+        transformers.GPT2Config(
+            vocab_size=50257, n_positions=128, n_embd=16, n_layer=1, n_head=2, num_labels=1, pad_token_id=50256
+        )
+    )
     data = root / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in preference_rows(4)))
     hh = root / "hh.jsonl"  # the same pairs as whole Anthropic HH dialogues
-    hh.write_text("".join(json.dumps({"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]})
-                          + "\n" for r in preference_rows(4)))
+    hh.write_text(
+        "".join(
+            json.dumps({"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}) + "\n"
+            for r in preference_rows(4)
+        )
+    )
     return {
         "policy": save(tiny_gpt2(0), gpt2_tokenizer, root / "policy"),
         "reference": save(tiny_gpt2(1), gpt2_tokenizer, root / "reference"),
@@ -119,14 +127,15 @@ def test_greedy_equals_model_generate_for_each_prompt_of_a_file(checkpoints, gpt
     for sample in result["samples"]:
         ids = gpt2_tokenizer(sample["prompt"], return_tensors="pt")["input_ids"]
         expected = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=50256, eos_token_id=50256)
-        assert sample["reply"] == gpt2_tokenizer.decode(expected[0, ids.size(1):], skip_special_tokens=True)
+        assert sample["reply"] == gpt2_tokenizer.decode(expected[0, ids.size(1) :], skip_special_tokens=True)
     assert capsys.readouterr().out.count(SEPARATOR) == 2  # one between the two samples, in each run
 
 
 def test_replies_stop_at_end_of_text(checkpoints, capsys):
     for mode in (["--greedy"], ["--num_samples", "2", "--seed", "0"]):
-        result = run_generate(checkpoints["eos"], "--prompt", "Human: Hi\\n\\nAssistant:", "--max_new_tokens", "20",
-                              *mode)
+        result = run_generate(
+            checkpoints["eos"], "--prompt", "Human: Hi\\n\\nAssistant:", "--max_new_tokens", "20", *mode
+        )
         assert [s["reply"] for s in result["samples"]] == [""] * len(result["samples"])
     prompt = "Human: Hi\n\nAssistant:"  # the \n of the command line became a newline
     assert capsys.readouterr().out == f"{prompt}\n{prompt}\n{SEPARATOR}\n{prompt}\n"
@@ -134,13 +143,23 @@ def test_replies_stop_at_end_of_text(checkpoints, capsys):
 
 def test_any_transformers_causal_lm(gpt2_tokenizer, tmp_path, capsys):
     torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=50256, eos_token_id=50256)).eval()
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=50257,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=50256,
+            eos_token_id=50256,
+        )
+    ).eval()
     result = run_generate(save(llama, gpt2_tokenizer, tmp_path / "llama"), "--greedy", "--max_new_tokens", "6")
     ids = gpt2_tokenizer(KATE, return_tensors="pt")["input_ids"]
     expected = llama.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=50256, eos_token_id=50256)
-    assert result["samples"] == [{"prompt": KATE, "reply": gpt2_tokenizer.decode(expected[0, ids.size(1):])}]
+    assert result["samples"] == [{"prompt": KATE, "reply": gpt2_tokenizer.decode(expected[0, ids.size(1) :])}]
     assert capsys.readouterr().out == KATE + result["samples"][0]["reply"] + "\n"
 
 
@@ -159,7 +178,11 @@ def test_chat_keeps_the_hh_format_across_turns(checkpoints, gpt2_tokenizer, caps
     assert [t["assistant"] for t in result["turns"]] == [first, second]  # the empty line ended the chat
     assert result["dialogue"] == second_prompt + second
     assert capsys.readouterr().out.splitlines() == [
-        "Human: Hello, who are you?", f"Assistant:{first}", "Human: What is 2 + 2?", f"Assistant:{second}"]
+        "Human: Hello, who are you?",
+        f"Assistant:{first}",
+        "Human: What is 2 + 2?",
+        f"Assistant:{second}",
+    ]
     assert run_generate(checkpoints["policy"], "--chat", stdin=io.StringIO("exit\nHi\n"))["turns"] == []
 
 
@@ -183,8 +206,19 @@ def test_bad_generate_arguments_are_one_line_errors(checkpoints, tmp_path, capsy
 
 def test_evaluate_numbers_equal_preference_scores(checkpoints, gpt2_tokenizer, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    result = run_evaluate(checkpoints["policy"], "--reference", checkpoints["reference"], "--data", checkpoints["data"],
-                          "--beta", "0.2", "--batch_size", "4", "--output_json", str(out))
+    result = run_evaluate(
+        checkpoints["policy"],
+        "--reference",
+        checkpoints["reference"],
+        "--data",
+        checkpoints["data"],
+        "--beta",
+        "0.2",
+        "--batch_size",
+        "4",
+        "--output_json",
+        str(out),
+    )
     assert json.loads(out.read_text()) == result
     policy, reference = load(checkpoints["policy"]), load(checkpoints["reference"])
     expected = preference_scores(policy, reference, gpt2_tokenizer, preference_rows(4), beta=0.2).as_dict()
@@ -204,14 +238,28 @@ def test_evaluate_numbers_equal_preference_scores(checkpoints, gpt2_tokenizer, t
 
 
 def test_evaluate_judged_win_rate(checkpoints, gpt2_tokenizer, capsys):
-    result = run_evaluate(checkpoints["policy"], "--reference", checkpoints["reference"], "--data", checkpoints["data"],
-                          "--judge_model", checkpoints["judge"], "--judge_prompts", "3", "--max_samples", "3",
-                          "--greedy", "--max_new_tokens", "5")
+    result = run_evaluate(
+        checkpoints["policy"],
+        "--reference",
+        checkpoints["reference"],
+        "--data",
+        checkpoints["data"],
+        "--judge_model",
+        checkpoints["judge"],
+        "--judge_prompts",
+        "3",
+        "--max_samples",
+        "3",
+        "--greedy",
+        "--max_new_tokens",
+        "5",
+    )
     judged = result["win_rate"]
     assert judged["total"] == 3 == len(judged["comparisons"]) and judged["judge_model"] == checkpoints["judge"]
     assert [c["prompt"] for c in judged["comparisons"]] == [r["prompt"] for r in preference_rows(3)]
-    judge = reward_model_judge(transformers.AutoModelForSequenceClassification.from_pretrained(checkpoints["judge"]),
-                               gpt2_tokenizer)
+    judge = reward_model_judge(
+        transformers.AutoModelForSequenceClassification.from_pretrained(checkpoints["judge"]), gpt2_tokenizer
+    )
     for c in judged["comparisons"]:
         assert abs(c["policy_score"] - judge(c["prompt"], c["policy"])) < 1e-5
         assert abs(c["reference_score"] - judge(c["prompt"], c["reference"])) < 1e-5
@@ -223,8 +271,10 @@ def test_evaluate_judged_win_rate(checkpoints, gpt2_tokenizer, capsys):
 def test_bad_evaluate_arguments_are_one_line_errors(checkpoints, tmp_path, capsys):
     for argv, message in (
         ([checkpoints["policy"]], "required: --data"),
-        ([checkpoints["policy"], "--data", checkpoints["data"], "--judge_model", checkpoints["judge"]],
-         "set --reference"),
+        (
+            [checkpoints["policy"], "--data", checkpoints["data"], "--judge_model", checkpoints["judge"]],
+            "set --reference",
+        ),
         ([str(tmp_path / "no-model"), "--data", checkpoints["data"]], "policy checkpoint not found"),
         ([checkpoints["policy"], "--data", checkpoints["data"], "--max_length", "5"], "longer than 5 tokens"),
     ):
@@ -242,14 +292,20 @@ def test_scripts_fail_in_one_line_without_a_traceback(checkpoints, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("ALIGNMENT_DEBUG", None)
     commands = {
-        "generate": ([sys.executable, "scripts/generate.py", str(tmp_path / "missing-checkpoint")],
-                     "missing-checkpoint"),
-        "evaluate": ([sys.executable, "scripts/evaluate.py", checkpoints["policy"], "--data",
-                      str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+        "generate": (
+            [sys.executable, "scripts/generate.py", str(tmp_path / "missing-checkpoint")],
+            "missing-checkpoint",
+        ),
+        "evaluate": (
+            [sys.executable, "scripts/evaluate.py", checkpoints["policy"], "--data", str(tmp_path / "missing.jsonl")],
+            "missing.jsonl",
+        ),
     }
     # both at once: each spends most of its time importing torch and transformers
-    running = {name: subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True) for name, (argv, _) in commands.items()}
+    running = {
+        name: subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, (argv, _) in commands.items()
+    }
     for name, process in running.items():
         out, err = process.communicate(timeout=300)
         assert process.returncode == 1, (name, err)

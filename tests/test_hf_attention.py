@@ -30,8 +30,13 @@ def inputs(vocab):
         (
             transformers.LlamaForCausalLM,
             lambda: transformers.LlamaConfig(
-                vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                vocab_size=97,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
             ),
         ),
     ],

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 import transformers
 
+from alignment import AlignmentGPT2Config, AlignmentGPT2ForCausalLM
 from alignment.training.logprobs import (
     IGNORE_INDEX,
     HeadTransform,
@@ -12,7 +12,6 @@ from alignment.training.logprobs import (
     logprobs_of_targets,
     token_logps_from_hidden,
 )
-from alignment import AlignmentGPT2Config, AlignmentGPT2ForCausalLM
 
 
 def naive(hidden, weight, targets, bias=None):
@@ -53,7 +52,9 @@ def test_only_labelled_positions_are_scored_and_nothing_scored_still_backpropaga
 
 def test_patched_forward_returns_token_logps_and_keeps_the_original():
     torch.manual_seed(0)
-    model = add_logprob_head(AlignmentGPT2ForCausalLM(AlignmentGPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)))
+    model = add_logprob_head(
+        AlignmentGPT2ForCausalLM(AlignmentGPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2))
+    )
     ids = torch.randint(0, 50, (2, 6))
     labels = ids.clone()
     labels[:, :3] = IGNORE_INDEX
@@ -65,8 +66,9 @@ def test_patched_forward_returns_token_logps_and_keeps_the_original():
     assert add_logprob_head(model) is model  # idempotent
 
 
-@pytest.mark.parametrize("transform", [HeadTransform(scale=0.25), HeadTransform(softcap=2.0),
-                                       HeadTransform(scale=3.0, softcap=1.5)])
+@pytest.mark.parametrize(
+    "transform", [HeadTransform(scale=0.25), HeadTransform(softcap=2.0), HeadTransform(scale=3.0, softcap=1.5)]
+)
 def test_scaled_and_softcapped_heads_match_the_naive_computation(transform):
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(7, 6, generator=g, dtype=torch.float64, requires_grad=True)
@@ -78,20 +80,40 @@ def test_scaled_and_softcapped_heads_match_the_naive_computation(transform):
     expected = torch.log_softmax(z, -1).gather(-1, targets[:, None]).squeeze(-1)
     ours = logprobs_of_targets(hidden, weight, targets, None, 3, transform)
     torch.testing.assert_close(ours, expected, atol=1e-12, rtol=0)
-    assert torch.autograd.gradcheck(lambda h, w: logprobs_of_targets(h, w, targets, None, 3, transform), (hidden, weight))
+    assert torch.autograd.gradcheck(
+        lambda h, w: logprobs_of_targets(h, w, targets, None, 3, transform), (hidden, weight)
+    )
 
 
 def tiny_gemma2():
-    config = transformers.Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                       num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                       max_position_embeddings=32, final_logit_softcapping=0.1)
+    config = transformers.Gemma2Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=32,
+        final_logit_softcapping=0.1,
+    )
     return transformers.Gemma2ForCausalLM(config)
 
 
 def tiny_cohere():
-    config = transformers.CohereConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                                       logit_scale=0.5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = transformers.CohereConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        logit_scale=0.5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return transformers.CohereForCausalLM(config)
 
 

@@ -8,7 +8,9 @@ import torch
 from alignment.training.losses import ReplyLogps, preference_loss
 
 POLICY = ReplyLogps(torch.tensor([-4.0, -9.0]), torch.tensor([-6.0, -5.0]), torch.tensor([2, 3]), torch.tensor([4, 1]))
-REFERENCE = ReplyLogps(torch.tensor([-5.0, -8.0]), torch.tensor([-5.5, -6.0]), torch.tensor([2, 3]), torch.tensor([4, 1]))
+REFERENCE = ReplyLogps(
+    torch.tensor([-5.0, -8.0]), torch.tensor([-5.5, -6.0]), torch.tensor([2, 3]), torch.tensor([4, 1])
+)
 BETA = 0.1
 
 

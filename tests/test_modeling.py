@@ -45,7 +45,9 @@ def test_converted_checkpoint_has_the_same_weights(ours, hf_gpt2):
     assert ours.config.model_type == "alignment_gpt2" and ours.config.n_layer == TINY["n_layer"]
     hf = hf_gpt2.state_dict()
     ours_sd = ours.state_dict()
-    torch.testing.assert_close(ours_sd["transformer.h.1.attn.c_attn.weight"], hf["transformer.h.1.attn.c_attn.weight"].t())
+    torch.testing.assert_close(
+        ours_sd["transformer.h.1.attn.c_attn.weight"], hf["transformer.h.1.attn.c_attn.weight"].t()
+    )
     torch.testing.assert_close(ours_sd["transformer.wte.weight"], hf["transformer.wte.weight"])
     assert ours.lm_head.weight.data_ptr() == ours.transformer.wte.weight.data_ptr()  # tied
 
@@ -138,8 +140,14 @@ def test_generation_stops_at_eos_and_samples(ours):
             torch.manual_seed(seed)
             draws.append(
                 ours.generate(
-                    prompt.repeat(4, 1), max_new_tokens=10, do_sample=True, temperature=1.5, top_k=50, top_p=0.95,
-                    eos_token_id=None, pad_token_id=0,
+                    prompt.repeat(4, 1),
+                    max_new_tokens=10,
+                    do_sample=True,
+                    temperature=1.5,
+                    top_k=50,
+                    top_p=0.95,
+                    eos_token_id=None,
+                    pad_token_id=0,
                 )
             )
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])

@@ -16,12 +16,12 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from alignment.run.cli import run_cli
 from alignment.run.arguments import DataArguments, ModelArguments
-from alignment.training.configs import DPOConfig
+from alignment.run.cli import run_cli
 from alignment.run.integrations import hub_push_possible, prepare_wandb, push_folder
 from alignment.run.pipeline import resume_argument, run_dpo, run_sft
 from alignment.run.recipe import parse_recipe
+from alignment.training.configs import DPOConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 64}
@@ -91,10 +91,17 @@ def runs(data, tmp_path_factory):
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("WANDB_MODE", "disabled")
         run_cli(run_sft, [data.sft_recipe, "--output_dir", str(folder / "sft"), "--debug"])
-        run_cli(run_dpo, [
-            "--config", data.dpo_recipe, "--model_name_or_path", str(folder / "sft"),
-            f"--output_dir={folder / 'dpo'}", "--debug",
-        ])
+        run_cli(
+            run_dpo,
+            [
+                "--config",
+                data.dpo_recipe,
+                "--model_name_or_path",
+                str(folder / "sft"),
+                f"--output_dir={folder / 'dpo'}",
+                "--debug",
+            ],
+        )
     return SimpleNamespace(sft=folder / "sft", dpo=folder / "dpo")
 
 
@@ -109,8 +116,15 @@ def logits(model):
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_output_folder_holds_everything(runs, data, stage):
     out = getattr(runs, stage)
-    for name in ("model.safetensors", "config.json", "recipe.yaml", "README.md", "train_results.json",
-                 *MODEL_CODE, *TOKENIZER_FILES):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "recipe.yaml",
+        "README.md",
+        "train_results.json",
+        *MODEL_CODE,
+        *TOKENIZER_FILES,
+    ):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoConfig"] == "configuration_gpt2.AlignmentGPT2Config"
@@ -154,7 +168,8 @@ def test_dpo_starts_from_the_sft_weights(runs):
 def test_output_folder_loads_without_the_alignment_package(runs, tmp_path):
     """What anyone who downloads the pushed folder gets: the model code travels with the weights."""
     script = tmp_path / "load.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys
         sys.modules["alignment"] = None  # this package is not installed
         try:
@@ -177,11 +192,18 @@ def test_output_folder_loads_without_the_alignment_package(runs, tmp_path):
                 "ids": tokenizer("What is 2 + 3?")["input_ids"],
             }}
         torch.save(results, {str(tmp_path / "results.pt")!r})
-    """))
+    """)
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
     env.pop("PYTHONPATH", None)
-    done = subprocess.run([sys.executable, str(script), str(runs.sft), str(runs.dpo)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), str(runs.sft), str(runs.dpo)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = torch.load(tmp_path / "results.pt")
 
@@ -232,8 +254,21 @@ def test_push_to_hub_without_the_hub_keeps_the_run(data, tmp_path, caplog, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     caplog.set_level(logging.WARNING)
     out = tmp_path / "pushed"
-    run_cli(run_sft, [data.sft_recipe, "--output_dir", str(out), "--push_to_hub", "true",
-                      "--hub_model_id", "someone/x", "--eval_strategy", "no", "--debug"])
+    run_cli(
+        run_sft,
+        [
+            data.sft_recipe,
+            "--output_dir",
+            str(out),
+            "--push_to_hub",
+            "true",
+            "--hub_model_id",
+            "someone/x",
+            "--eval_strategy",
+            "no",
+            "--debug",
+        ],
+    )
     for name in ("model.safetensors", "config.json", "README.md", "recipe.yaml", *MODEL_CODE, *TOKENIZER_FILES):
         assert (out / name).is_file(), name
     hub_lines = [r.getMessage() for r in caplog.records if "hub" in r.getMessage().lower()]
@@ -267,8 +302,23 @@ def test_push_happens_once_after_the_card_and_curves(data, tmp_path, monkeypatch
     monkeypatch.setattr(transformers.Trainer, "init_hf_repo", fake_init_hf_repo)
     monkeypatch.setattr(transformers.Trainer, "push_to_hub", trainer_push)
     out = tmp_path / "pushed"
-    run_cli(run_sft, [data.sft_recipe, "--output_dir", str(out), "--push_to_hub", "true", "--hub_model_id",
-                      "someone/x", "--hub_token", "hf_fake", "--eval_strategy", "no", "--debug"])
+    run_cli(
+        run_sft,
+        [
+            data.sft_recipe,
+            "--output_dir",
+            str(out),
+            "--push_to_hub",
+            "true",
+            "--hub_model_id",
+            "someone/x",
+            "--hub_token",
+            "hf_fake",
+            "--eval_strategy",
+            "no",
+            "--debug",
+        ],
+    )
     assert len(pushed) == 1
     folder, repo_id, token, card_complete, plots = pushed[0]
     assert (folder, repo_id, token) == (out, "someone/x", "hf_fake")
@@ -367,8 +417,10 @@ def test_sft_run_reporting_to_wandb_without_api_key(no_wandb_credentials, data, 
     out = tmp_path / "wandb-run"
     faulthandler.dump_traceback_later(300, exit=True)  # a hang fails the session instead of stalling it
     try:
-        run_cli(run_sft, [data.sft_recipe, "--output_dir", str(out), "--report_to", "wandb",
-                          "--eval_strategy", "no", "--debug"])
+        run_cli(
+            run_sft,
+            [data.sft_recipe, "--output_dir", str(out), "--report_to", "wandb", "--eval_strategy", "no", "--debug"],
+        )
     finally:
         faulthandler.cancel_dump_traceback_later()
         if wandb.run is not None:
@@ -387,10 +439,27 @@ def test_lora_dpo_saves_the_adapter_and_a_merged_model(runs, data, tmp_path, mon
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "lora"
-    run_cli(run_dpo, [
-        data.dpo_recipe, "--model_name_or_path", str(runs.sft), "--output_dir", str(out), "--use_peft", "true",
-        "--lora_r", "4", "--lora_alpha", "8", "--merge_adapter_on_save", "true", "--learning_rate", "1e-2", "--debug",
-    ])
+    run_cli(
+        run_dpo,
+        [
+            data.dpo_recipe,
+            "--model_name_or_path",
+            str(runs.sft),
+            "--output_dir",
+            str(out),
+            "--use_peft",
+            "true",
+            "--lora_r",
+            "4",
+            "--lora_alpha",
+            "8",
+            "--merge_adapter_on_save",
+            "true",
+            "--learning_rate",
+            "1e-2",
+            "--debug",
+        ],
+    )
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"c_attn", "c_proj", "c_fc"}
@@ -413,8 +482,16 @@ def test_lora_dpo_saves_the_adapter_and_a_merged_model(runs, data, tmp_path, mon
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        (None, None), ("false", None), ("False", None), ("no", None), ("0", None), ("", None),
-        ("true", True), ("True", True), ("yes", True), ("1", True),
+        (None, None),
+        ("false", None),
+        ("False", None),
+        ("no", None),
+        ("0", None),
+        ("", None),
+        ("true", True),
+        ("True", True),
+        ("yes", True),
+        ("1", True),
         ("outputs/run/checkpoint-500", "outputs/run/checkpoint-500"),
     ],
 )

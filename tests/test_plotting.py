@@ -22,12 +22,22 @@ def sft_history(steps=40, eval_every=10):
     history = []
     for step in range(1, steps + 1):
         loss = 2.0 + 2.0 * math.exp(-step / 10) + 0.1 * math.sin(step)
-        history.append({"epoch": step / steps, "step": step, "loss": str(loss) if step % 3 else loss,
-                        "learning_rate": f"{2e-5 * (1 - step / steps):.3e}", "grad_norm": 1.5,
-                        "entropy": 2.0, "mean_token_accuracy": 0.4, "num_tokens": 256.0 * step})
+        history.append(
+            {
+                "epoch": step / steps,
+                "step": step,
+                "loss": str(loss) if step % 3 else loss,
+                "learning_rate": f"{2e-5 * (1 - step / steps):.3e}",
+                "grad_norm": 1.5,
+                "entropy": 2.0,
+                "mean_token_accuracy": 0.4,
+                "num_tokens": 256.0 * step,
+            }
+        )
         if step % eval_every == 0:
-            history.append({"epoch": step / steps, "step": step, "eval_loss": 2.2 + math.exp(-step / 10),
-                            "eval_runtime": 1.0})
+            history.append(
+                {"epoch": step / steps, "step": step, "eval_loss": 2.2 + math.exp(-step / 10), "eval_runtime": 1.0}
+            )
     history.append({"epoch": 1.0, "step": steps, "train_runtime": 12.3, "train_loss": 2.5, "total_flos": 0.0})
     return history
 
@@ -36,14 +46,34 @@ def dpo_history(steps=40, eval_every=10):
     history = []
     for step in range(1, steps + 1):
         margin = 1.0 - math.exp(-step / 10) + 0.2 * math.sin(step)
-        history.append({"epoch": step / steps, "step": step, "loss": math.log(2) - 0.2 * margin,
-                        "learning_rate": 5e-6, "grad_norm": "3.5", "rewards/chosen": 0.1,
-                        "rewards/rejected": str(0.1 - margin), "rewards/margins": margin,
-                        "rewards/accuracies": min(1.0, 0.5 + 0.01 * step), "logps/chosen": -50.0,
-                        "logps/rejected": -60.0, "num_tokens": 512.0 * step})
+        history.append(
+            {
+                "epoch": step / steps,
+                "step": step,
+                "loss": math.log(2) - 0.2 * margin,
+                "learning_rate": 5e-6,
+                "grad_norm": "3.5",
+                "rewards/chosen": 0.1,
+                "rewards/rejected": str(0.1 - margin),
+                "rewards/margins": margin,
+                "rewards/accuracies": min(1.0, 0.5 + 0.01 * step),
+                "logps/chosen": -50.0,
+                "logps/rejected": -60.0,
+                "num_tokens": 512.0 * step,
+            }
+        )
         if step % eval_every == 0:
-            history.append({"epoch": step / steps, "step": step, "eval_loss": str(0.6), "eval_rewards/accuracies": 0.7,
-                            "eval_rewards/margins": 0.5, "eval_rewards/chosen": 0.0, "eval_rewards/rejected": -0.5})
+            history.append(
+                {
+                    "epoch": step / steps,
+                    "step": step,
+                    "eval_loss": str(0.6),
+                    "eval_rewards/accuracies": 0.7,
+                    "eval_rewards/margins": 0.5,
+                    "eval_rewards/chosen": 0.0,
+                    "eval_rewards/rejected": -0.5,
+                }
+            )
     history.append({"epoch": 1.0, "step": steps, "train_runtime": 30.0, "train_loss": 0.6})
     return history
 

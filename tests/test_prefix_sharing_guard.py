@@ -11,31 +11,45 @@ import torch
 import transformers
 import trl
 
-from alignment.training import DPOConfig, DPOTrainer
-from alignment.training import layouts
+from alignment.training import DPOConfig, DPOTrainer, layouts
 from alignment.training.shared_prefix import SharedPrefixPreferenceCollator
 from tests.conftest import preference_rows, tiny_causal_lms
 
 VOCAB = 50257
 SPECIAL = dict(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
-SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=128, **SPECIAL)
+SIZES = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    **SPECIAL,
+)
 
 
 def lfm2():
-    return transformers.Lfm2ForCausalLM(transformers.Lfm2Config(
-        num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], **SIZES))
+    return transformers.Lfm2ForCausalLM(
+        transformers.Lfm2Config(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], **SIZES)
+    )
 
 
 def nemotron_h():
-    return transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
-        num_hidden_layers=3, layers_block_type=["mamba", "attention", "mlp"], mamba_num_heads=4, mamba_head_dim=8,
-        ssm_state_size=8, n_groups=1, **SIZES))
+    return transformers.NemotronHForCausalLM(
+        transformers.NemotronHConfig(
+            num_hidden_layers=3,
+            layers_block_type=["mamba", "attention", "mlp"],
+            mamba_num_heads=4,
+            mamba_head_dim=8,
+            ssm_state_size=8,
+            n_groups=1,
+            **SIZES,
+        )
+    )
 
 
 def mistral_sliding():
-    return transformers.MistralForCausalLM(transformers.MistralConfig(
-        num_hidden_layers=2, sliding_window=8, **SIZES))
+    return transformers.MistralForCausalLM(transformers.MistralConfig(num_hidden_layers=2, sliding_window=8, **SIZES))
 
 
 MODELS = {
@@ -48,8 +62,18 @@ MODELS = {
 
 
 def settings(tmp_path, config_class):
-    return config_class(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=1, report_to="none",
-                        save_strategy="no", bf16=False, use_cpu=True, seed=0, beta=0.1, max_length=64)
+    return config_class(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        use_cpu=True,
+        seed=0,
+        beta=0.1,
+        max_length=64,
+    )
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -63,10 +87,20 @@ def test_dpo_loss_equals_stock_trl_on_every_kind_of_model(name, tmp_path, gpt2_t
             p.add_(0.05 * torch.randn_like(p))
     data = datasets.Dataset.from_list(preference_rows(8))
     with caplog.at_level(logging.WARNING, logger="alignment.training.dpo"):
-        ours = DPOTrainer(copy.deepcopy(policy), copy.deepcopy(reference), settings(tmp_path, DPOConfig),
-                          train_dataset=data, processing_class=gpt2_tokenizer)
-    stock = trl.DPOTrainer(copy.deepcopy(policy), copy.deepcopy(reference), settings(tmp_path, trl.DPOConfig),
-                           train_dataset=data, processing_class=gpt2_tokenizer)
+        ours = DPOTrainer(
+            copy.deepcopy(policy),
+            copy.deepcopy(reference),
+            settings(tmp_path, DPOConfig),
+            train_dataset=data,
+            processing_class=gpt2_tokenizer,
+        )
+    stock = trl.DPOTrainer(
+        copy.deepcopy(policy),
+        copy.deepcopy(reference),
+        settings(tmp_path, trl.DPOConfig),
+        train_dataset=data,
+        processing_class=gpt2_tokenizer,
+    )
     lines = [r.getMessage() for r in caplog.records if "prefix_sharing is off" in r.getMessage()]
     if reason is None:
         assert lines == [] and ours.prefix_sharing
@@ -96,13 +130,16 @@ def test_the_probe_finds_a_leaking_model_that_its_config_does_not_reveal(monkeyp
     assert exact.training  # the probe puts the training mode back
 
 
-@pytest.mark.parametrize(("fields", "expected"), [
-    ({"model_type": "mamba"}, "recurrent"),
-    ({"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 4096}, None),
-    ({"sliding_window": 16, "use_sliding_window": False}, None),
-    ({"sliding_window": 16}, "sliding window of 16"),
-    ({"hybrid_override_pattern": "M-M*-"}, "'mamba'"),
-])
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"model_type": "mamba"}, "recurrent"),
+        ({"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 4096}, None),
+        ({"sliding_window": 16, "use_sliding_window": False}, None),
+        ({"sliding_window": 16}, "sliding window of 16"),
+        ({"hybrid_override_pattern": "M-M*-"}, "'mamba'"),
+    ],
+)
 def test_config_rules(fields, expected):
     config = type("Config", (), {"model_type": "x", **fields})()
     problem = layouts.config_problem(config, max_length=1024)

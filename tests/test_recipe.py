@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from alignment.run.arguments import DataArguments, ModelArguments
-from alignment.training.configs import DPOConfig, SFTConfig
 from alignment.run.recipe import (
     RESOLVED_RECIPE,
     SECRET_KEYS,
@@ -17,6 +16,7 @@ from alignment.run.recipe import (
     resolved_recipe,
     save_resolved_recipe,
 )
+from alignment.training.configs import DPOConfig, SFTConfig
 
 DPO = (ModelArguments, DataArguments, DPOConfig)
 SFT = (ModelArguments, DataArguments, SFTConfig)
@@ -111,7 +111,7 @@ loss_type: [sigmoid, ipo]
 loss_weights: [1, 0.5]
 lora_target_modules: [c_attn, c_proj]
 report_to: [none]
-output_dir: {tmp_path / 'out'}
+output_dir: {tmp_path / "out"}
 """
     model_args, data_args, args = parse_recipe(DPO, [write(tmp_path, text)])
     assert model_args.model_config_overrides == {"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 128}
@@ -126,9 +126,14 @@ def test_lists_and_mappings_on_the_command_line(tmp_path):
     model_args, data_args, _ = parse_recipe(
         DPO,
         [
-            "--model_config", "gpt2", "--output_dir", str(tmp_path / "out"),
-            "--model_config_overrides", '{"n_layer": 1, "n_embd": 16}',
-            "--datasets", '[{"path": "a.jsonl", "fraction": 0.5}, {"path": "b.jsonl"}]',
+            "--model_config",
+            "gpt2",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--model_config_overrides",
+            '{"n_layer": 1, "n_embd": 16}',
+            "--datasets",
+            '[{"path": "a.jsonl", "fraction": 0.5}, {"path": "b.jsonl"}]',
         ],
     )
     assert model_args.model_config_overrides == {"n_layer": 1, "n_embd": 16}

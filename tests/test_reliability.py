@@ -27,9 +27,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from alignment.training.checkpoints import STAGING_PREFIX, incomplete_reason, last_complete_checkpoint, resume_checkpoint
 from alignment.run.cli import run_cli
 from alignment.run.pipeline import run_dpo, run_sft
+from alignment.training.checkpoints import (
+    STAGING_PREFIX,
+    incomplete_reason,
+    last_complete_checkpoint,
+    resume_checkpoint,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 64}
@@ -79,8 +84,13 @@ def make_recipes(folder):
     dpo = []
     for i in range(12):
         a, b = i % 7, (3 * i) % 5
-        dpo.append({"prompt": f"\n\nHuman: What is {a} + {b}?\n\nAssistant:", "chosen": f" {a + b}",
-                    "rejected": f" It is {a + b + 1}, I think."})
+        dpo.append(
+            {
+                "prompt": f"\n\nHuman: What is {a} + {b}?\n\nAssistant:",
+                "chosen": f" {a + b}",
+                "rejected": f" It is {a + b + 1}, I think.",
+            }
+        )
     recipes = {}
     for stage, rows in (("sft", sft), ("dpo", dpo)):
         settings = {**COMMON, "dataset_name": write_jsonl(folder / f"{stage}.jsonl", rows)}
@@ -149,10 +159,14 @@ def crashed(tmp_path_factory):
     }
     processes = {}
     for name, (stage, slowed, _, _) in plans.items():
-        command = [sys.executable] + ([str(wrapper)] if slowed else []) + [
-            SCRIPT[stage], recipes[stage], "--output_dir", str(folder / name)]
-        processes[name] = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True)
+        command = (
+            [sys.executable]
+            + ([str(wrapper)] if slowed else [])
+            + [SCRIPT[stage], recipes[stage], "--output_dir", str(folder / name)]
+        )
+        processes[name] = subprocess.Popen(
+            command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     deadline = time.time() + 400
     waiting = {name for name, plan in plans.items() if plan[3] is not None}
     finished_early = []
@@ -192,8 +206,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(crashed, stage, how, ca
     assert not (killed.dir / "model.safetensors").exists()  # it never finished
     assert not list(killed.dir.glob("checkpoint-8"))
     newest = last_complete_checkpoint(killed.dir)
-    step = resume(stage, crashed.recipes[stage], killed.dir, caplog,
-                  checkpoint="true" if how == "true" else str(newest))
+    step = resume(
+        stage, crashed.recipes[stage], killed.dir, caplog, checkpoint="true" if how == "true" else str(newest)
+    )
     assert 4 <= step < 8 and newest.name == f"checkpoint-{step}"
     assert_same_run(killed.dir, crashed.runs[f"{stage}-reference"].dir)
 
@@ -205,7 +220,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(crashed, caplog, offline):
     last = run.err.strip().splitlines()[-1]
     match = re.fullmatch(
         r"interrupted: training stopped at step (\d+); checkpoint saved in (\S+); "
-        r"resume with --resume_from_checkpoint=true", last)
+        r"resume with --resume_from_checkpoint=true",
+        last,
+    )
     assert match, last
     step, checkpoint = int(match.group(1)), Path(match.group(2))
     assert checkpoint == run.dir / f"checkpoint-{step}" and incomplete_reason(checkpoint) is None
@@ -258,8 +275,11 @@ def test_crash_while_writing_a_checkpoint_and_damaged_checkpoints(tmp_path, capl
     caplog.clear()
     caplog.set_level(logging.WARNING, logger="alignment.training.checkpoints")
     assert resume("sft", recipes["sft"], damaged, caplog, *args) == 2
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
-                and r.name == "alignment.training.checkpoints"]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name == "alignment.training.checkpoints"
+    ]
     assert warnings == [
         f"skipping incomplete checkpoint {damaged / 'checkpoint-6'} (no trainer_state.json)",
         f"skipping incomplete checkpoint {damaged / 'checkpoint-4'} (model.safetensors is truncated)",
@@ -295,13 +315,18 @@ def make_checkpoint(folder, **files):
         ({"model__safetensors": None}, "no model weights"),
         ({"model__safetensors": b"\x10\x00"}, "model.safetensors is truncated or not a safetensors file"),
         ({"optimizer__pt": b"PK\x03\x04 cut short"}, "optimizer.pt is truncated"),
-        ({"optimizer__pt": None}, "no optimizer state (saved with save_only_model?); to start a new run from its "
-                                  "weights, set model_name_or_path to it"),
+        (
+            {"optimizer__pt": None},
+            "no optimizer state (saved with save_only_model?); to start a new run from its "
+            "weights, set model_name_or_path to it",
+        ),
         ({"scheduler__pt": None}, "no scheduler.pt (learning-rate schedule)"),
         ({"rng_state__pth": None}, "no RNG state (rng_state.pth)"),
         ({"trainer_state__json": b"{}"}, "trainer_state.json has no global_step"),
-        ({"model__safetensors__index__json": b'{"weight_map": {"w": "model-00002.safetensors"}}'},
-         "weight shards missing: model-00002.safetensors"),
+        (
+            {"model__safetensors__index__json": b'{"weight_map": {"w": "model-00002.safetensors"}}'},
+            "weight shards missing: model-00002.safetensors",
+        ),
     ],
 )
 def test_what_counts_as_a_complete_checkpoint(tmp_path, files, reason):
@@ -326,8 +351,9 @@ def test_resume_argument_resolution(tmp_path):
 
 
 @pytest.mark.parametrize(("stage", "poison"), [("sft", float("nan")), ("dpo", float("inf"))])
-def test_non_finite_loss_stops_before_the_update_and_names_the_rows(stage, poison, tmp_path, capsys, monkeypatch,
-                                                                    offline):
+def test_non_finite_loss_stops_before_the_update_and_names_the_rows(
+    stage, poison, tmp_path, capsys, monkeypatch, offline
+):
     from alignment.modeling.tokenizer import load_tokenizer
     from alignment.training import DPOTrainer, SFTTrainer
 
@@ -357,7 +383,9 @@ def test_non_finite_loss_stops_before_the_update_and_names_the_rows(stage, poiso
     match = re.fullmatch(
         rf"error: non-finite loss \({value}\) at step 5, batch from training rows \[([\d, ]+)\] \(written to (\S+)\); "
         rf"training stopped before that update, the last good checkpoint, (\S+), is intact; .* \(run with --debug "
-        r"for the traceback\)", line)
+        r"for the traceback\)",
+        line,
+    )
     assert match, line
     rows = [int(i) for i in match.group(1).split(", ")]
     assert Path(match.group(2)) == out / "nonfinite-step-5.jsonl"
@@ -412,12 +440,20 @@ def test_secrets_never_reach_files_or_logs(tmp_path, capsys, caplog, monkeypatch
         monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
     monkeypatch.chdir(tmp_path)
     recipe = yaml.safe_load(Path(make_recipes(tmp_path)["sft"]).read_text())
-    recipe |= {"env": {"WANDB_API_KEY": FAKE_WANDB_KEY}, "report_to": "wandb", "max_steps": 2,
-               "push_to_hub": True, "hub_model_id": "someone/model"}
+    recipe |= {
+        "env": {"WANDB_API_KEY": FAKE_WANDB_KEY},
+        "report_to": "wandb",
+        "max_steps": 2,
+        "push_to_hub": True,
+        "hub_model_id": "someone/model",
+    }
     (tmp_path / "secret.yaml").write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", ["run_sft.py", str(tmp_path / "secret.yaml"), "--output_dir", str(out),
-                                      "--hub_token", FAKE_HUB_TOKEN])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["run_sft.py", str(tmp_path / "secret.yaml"), "--output_dir", str(out), "--hub_token", FAKE_HUB_TOKEN],
+    )
     try:
         run_cli(run_sft)
     finally:

@@ -57,8 +57,9 @@ def error_line(capsys, argv):
 def test_overwrite_with_a_typo_in_the_data_costs_nothing(tmp_path, sft_data, capsys, quiet):
     out = saved_run(tmp_path, sft_data)
     before = folder_hash(out)
-    line = error_line(capsys, [recipe(tmp_path, "sft", dataset_name=str(tmp_path / "sft.jsonll"),
-                                      overwrite_output_dir=True)])
+    line = error_line(
+        capsys, [recipe(tmp_path, "sft", dataset_name=str(tmp_path / "sft.jsonll"), overwrite_output_dir=True)]
+    )
     assert "no such file" in line
     assert folder_hash(out) == before and not (out / LOCK_NAME).exists()
 
@@ -111,29 +112,51 @@ def test_a_failed_run_leaves_no_folder_it_created(tmp_path, capsys, quiet):
 def test_resume_refuses_a_checkpoint_saved_weights_only(tmp_path, sft_data, capsys, quiet):
     """`save_only_model: true` leaves no optimizer, scheduler or RNG state: resuming from it would drift silently."""
     out = tmp_path / "out"
-    run_sft([recipe(tmp_path, "sft", dataset_name=sft_data, save_strategy="steps", save_steps=1, save_only_model=True,
-                    max_steps=2)])
+    run_sft(
+        [
+            recipe(
+                tmp_path,
+                "sft",
+                dataset_name=sft_data,
+                save_strategy="steps",
+                save_steps=1,
+                save_only_model=True,
+                max_steps=2,
+            )
+        ]
+    )
     before = folder_hash(out)
-    line = error_line(capsys, [recipe(tmp_path, "sft", dataset_name=sft_data, max_steps=3),
-                               "--resume_from_checkpoint", str(out / "checkpoint-1")])
+    line = error_line(
+        capsys,
+        [
+            recipe(tmp_path, "sft", dataset_name=sft_data, max_steps=3),
+            "--resume_from_checkpoint",
+            str(out / "checkpoint-1"),
+        ],
+    )
     assert "checkpoint-1 is not a complete checkpoint (no optimizer state (saved with save_only_model?)" in line
-    line = error_line(capsys, [recipe(tmp_path, "sft", dataset_name=sft_data, max_steps=3),
-                               "--resume_from_checkpoint=true"])
+    line = error_line(
+        capsys, [recipe(tmp_path, "sft", dataset_name=sft_data, max_steps=3), "--resume_from_checkpoint=true"]
+    )
     assert "holds no complete checkpoint-N folder to resume from" in line
     assert folder_hash(out) == before
 
 
-@pytest.mark.parametrize(("settings", "message"), [
-    ({"max_steps": -1, "num_train_epochs": 0}, "nothing to train: max_steps is -1 and num_train_epochs 0"),
-    ({"max_steps": 0, "num_train_epochs": 0}, "nothing to train"),
-    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be at least 1, got 0"),
-    ({"max_length": 1}, "max_length 1 leaves no token to predict"),
-    ({"test_size": 1.5}, "test_size 1.5: a share of the rows is below 1"),
-    ({"test_size": -0.1}, "test_size -0.1"),
-    ({"output_dir": " "}, "output_dir is empty"),
-])
-def test_settings_that_cannot_train_stop_before_anything_loads(settings, message, tmp_path, sft_data, capsys, quiet,
-                                                               monkeypatch):
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_steps": -1, "num_train_epochs": 0}, "nothing to train: max_steps is -1 and num_train_epochs 0"),
+        ({"max_steps": 0, "num_train_epochs": 0}, "nothing to train"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be at least 1, got 0"),
+        ({"max_length": 1}, "max_length 1 leaves no token to predict"),
+        ({"test_size": 1.5}, "test_size 1.5: a share of the rows is below 1"),
+        ({"test_size": -0.1}, "test_size -0.1"),
+        ({"output_dir": " "}, "output_dir is empty"),
+    ],
+)
+def test_settings_that_cannot_train_stop_before_anything_loads(
+    settings, message, tmp_path, sft_data, capsys, quiet, monkeypatch
+):
     import alignment.run.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -142,11 +165,14 @@ def test_settings_that_cannot_train_stop_before_anything_loads(settings, message
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("beta: 0.1\nlearning_rate: 1e-6\nbeta: 0.2\n", "line 3, column 1: key 'beta' is given twice (lines 1 and 3)"),
-    ("beta: 0.1\n\tlearning_rate: 1\n", "line 2, column 1: found character '\\t' that cannot start any token"),
-    ('hub_model_id: "unclosed\nbeta: 1\n', "found unexpected end of stream (while scanning a quoted scalar)"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("beta: 0.1\nlearning_rate: 1e-6\nbeta: 0.2\n", "line 3, column 1: key 'beta' is given twice (lines 1 and 3)"),
+        ("beta: 0.1\n\tlearning_rate: 1\n", "line 2, column 1: found character '\\t' that cannot start any token"),
+        ('hub_model_id: "unclosed\nbeta: 1\n', "found unexpected end of stream (while scanning a quoted scalar)"),
+    ],
+)
 def test_yaml_mistakes_name_the_line_and_the_problem(text, message, tmp_path, capsys, quiet):
     path = tmp_path / "broken.yaml"
     path.write_text(text, encoding="utf-8")
@@ -168,8 +194,20 @@ def test_a_data_folder_of_mixed_file_kinds_is_refused(tmp_path, capsys, quiet):
 
 def checkpointed_run(tmp_path, sft_data, **settings):
     out = tmp_path / "out"
-    run_sft([recipe(tmp_path, "sft", dataset_name=sft_data, save_strategy="steps", save_steps=1, max_steps=2,
-                    learning_rate=1e-3, **settings)])
+    run_sft(
+        [
+            recipe(
+                tmp_path,
+                "sft",
+                dataset_name=sft_data,
+                save_strategy="steps",
+                save_steps=1,
+                max_steps=2,
+                learning_rate=1e-3,
+                **settings,
+            )
+        ]
+    )
     return out
 
 
@@ -185,9 +223,23 @@ def test_every_checkpoint_holds_its_recipe(tmp_path, sft_data, quiet):
 def test_resume_with_changed_settings_stops_listing_them(tmp_path, sft_data, capsys, quiet):
     out = checkpointed_run(tmp_path, sft_data)
     before = folder_hash(out)
-    line = error_line(capsys, [recipe(tmp_path, "sft", dataset_name=sft_data, save_strategy="steps", save_steps=1,
-                                      max_steps=2, learning_rate=2e-3, per_device_train_batch_size=4),
-                               "--resume_from_checkpoint", str(out / "checkpoint-1")])
+    line = error_line(
+        capsys,
+        [
+            recipe(
+                tmp_path,
+                "sft",
+                dataset_name=sft_data,
+                save_strategy="steps",
+                save_steps=1,
+                max_steps=2,
+                learning_rate=2e-3,
+                per_device_train_batch_size=4,
+            ),
+            "--resume_from_checkpoint",
+            str(out / "checkpoint-1"),
+        ],
+    )
     assert "settings that change the result: learning_rate: 0.001 -> 0.002, per_device_train_batch_size: 2 -> 4" in line
     assert "--allow_recipe_change=true" in line
     assert folder_hash(out) == before
@@ -198,14 +250,42 @@ def test_resume_with_harmless_changes_or_when_allowed(tmp_path, sft_data, caplog
 
     out = checkpointed_run(tmp_path, sft_data)
     with caplog.at_level(logging.INFO, logger="alignment.run.resume_check"):
-        run_sft([recipe(tmp_path, "sft", dataset_name=sft_data, save_strategy="steps", save_steps=1, max_steps=2,
-                        learning_rate=1e-3, logging_steps=2), "--resume_from_checkpoint", str(out / "checkpoint-1")])
+        run_sft(
+            [
+                recipe(
+                    tmp_path,
+                    "sft",
+                    dataset_name=sft_data,
+                    save_strategy="steps",
+                    save_steps=1,
+                    max_steps=2,
+                    learning_rate=1e-3,
+                    logging_steps=2,
+                ),
+                "--resume_from_checkpoint",
+                str(out / "checkpoint-1"),
+            ]
+        )
     assert any("other logging/saving settings: logging_steps: 10 -> 2" in r.getMessage() for r in caplog.records), [
-        r.getMessage() for r in caplog.records]
+        r.getMessage() for r in caplog.records
+    ]
     assert not (out / "recipe-changes.yaml").exists()
-    run_sft([recipe(tmp_path, "sft", dataset_name=sft_data, save_strategy="steps", save_steps=1, max_steps=3,
-                    learning_rate=1e-3), "--resume_from_checkpoint", str(out / "checkpoint-2"),
-             "--allow_recipe_change=true"])
+    run_sft(
+        [
+            recipe(
+                tmp_path,
+                "sft",
+                dataset_name=sft_data,
+                save_strategy="steps",
+                save_steps=1,
+                max_steps=3,
+                learning_rate=1e-3,
+            ),
+            "--resume_from_checkpoint",
+            str(out / "checkpoint-2"),
+            "--allow_recipe_change=true",
+        ]
+    )
     changes = yaml.safe_load((out / "recipe-changes.yaml").read_text())
     assert changes[-1]["resumed"] == str(out / "checkpoint-2")
     assert changes[-1]["changes"] == {"max_steps": {"was": 2, "now": 3}}
@@ -224,9 +304,23 @@ def test_a_failed_resume_of_a_finished_run_keeps_its_card_and_recipe(tmp_path, s
         return loss * float("nan") if self.state.global_step == 2 else loss
 
     monkeypatch.setattr(SFTTrainer, "compute_loss", poisoned)
-    line = error_line(capsys, [recipe(tmp_path, "sft", dataset_name=sft_data, save_strategy="steps", save_steps=1,
-                                      max_steps=4, learning_rate=1e-3),
-                               "--resume_from_checkpoint", str(out / "checkpoint-1"), "--allow_recipe_change=true"])
+    line = error_line(
+        capsys,
+        [
+            recipe(
+                tmp_path,
+                "sft",
+                dataset_name=sft_data,
+                save_strategy="steps",
+                save_steps=1,
+                max_steps=4,
+                learning_rate=1e-3,
+            ),
+            "--resume_from_checkpoint",
+            str(out / "checkpoint-1"),
+            "--allow_recipe_change=true",
+        ],
+    )
     assert "non-finite loss" in line
     assert (out / "README.md").read_bytes() == card and (out / "recipe.yaml").read_bytes() == saved_recipe
 

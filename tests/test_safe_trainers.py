@@ -7,6 +7,7 @@ import signal
 
 import pytest
 import torch
+from conftest import preference_rows
 from datasets import Dataset
 from transformers import TrainerCallback
 
@@ -14,23 +15,37 @@ from alignment import AlignmentGPT2Config, AlignmentGPT2ForCausalLM
 from alignment.training import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, TrainingInterrupted
 from alignment.training.checkpoints import incomplete_reason, last_complete_checkpoint
 from alignment.training.safety import SOURCE_ROW, NonFiniteLossError
-from conftest import preference_rows
 
-SETTINGS = dict(max_steps=4, per_device_train_batch_size=2, learning_rate=1e-3, report_to="none", save_strategy="no",
-                logging_steps=1, use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0)
+SETTINGS = dict(
+    max_steps=4,
+    per_device_train_batch_size=2,
+    learning_rate=1e-3,
+    report_to="none",
+    save_strategy="no",
+    logging_steps=1,
+    use_cpu=True,
+    bf16=False,
+    gradient_checkpointing=False,
+    seed=0,
+)
 
 
 def tiny_model():
     torch.manual_seed(0)
-    return AlignmentGPT2ForCausalLM(AlignmentGPT2Config(vocab_size=50257, n_positions=64, n_embd=16, n_layer=1,
-                                                        n_head=2))
+    return AlignmentGPT2ForCausalLM(
+        AlignmentGPT2Config(vocab_size=50257, n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    )
 
 
 def build(stage, tmp_path, gpt2_tokenizer, **overrides):
     if stage == "dpo":
         args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_length=48, **{**SETTINGS, **overrides})
-        return DPOTrainer(tiny_model(), args=args, train_dataset=Dataset.from_list(preference_rows(8)),
-                          processing_class=gpt2_tokenizer)
+        return DPOTrainer(
+            tiny_model(),
+            args=args,
+            train_dataset=Dataset.from_list(preference_rows(8)),
+            processing_class=gpt2_tokenizer,
+        )
     rows = [{"text": r["prompt"] + r["chosen"]} for r in preference_rows(8)]
     args = SFTConfig(output_dir=str(tmp_path / "sft"), max_length=32, packing=False, **{**SETTINGS, **overrides})
     return SFTTrainer(tiny_model(), args=args, train_dataset=Dataset.from_list(rows), processing_class=gpt2_tokenizer)

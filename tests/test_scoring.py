@@ -53,14 +53,16 @@ def test_shared_prefix_equals_padded_rows(gpt2_tokenizer, name):
         (ours, theirs) = shared_prefix_logps([policy, reference], gpt2_tokenizer, rows, batch_size=batch_size)
         for model, logps in ((policy, ours), (reference, theirs)):
             for key in ("chosen", "rejected"):
-                sums, lengths = reply_logps(model, gpt2_tokenizer, [r["prompt"] for r in rows],
-                                            [r[key] for r in rows], batch_size=batch_size)
+                sums, lengths = reply_logps(
+                    model, gpt2_tokenizer, [r["prompt"] for r in rows], [r[key] for r in rows], batch_size=batch_size
+                )
                 torch.testing.assert_close(getattr(logps, key), sums, atol=1e-5, rtol=0)
                 assert torch.equal(getattr(logps, f"{key}_length"), lengths)
         for reference_model in (reference, None):
             shared = preference_scores(policy, reference_model, gpt2_tokenizer, rows, beta=0.5, batch_size=batch_size)
-            padded = preference_scores(policy, reference_model, gpt2_tokenizer, rows, beta=0.5, batch_size=batch_size,
-                                       prefix_sharing=False)
+            padded = preference_scores(
+                policy, reference_model, gpt2_tokenizer, rows, beta=0.5, batch_size=batch_size, prefix_sharing=False
+            )
             for field in dataclasses.fields(shared):
                 a, b = getattr(shared, field.name), getattr(padded, field.name)
                 assert abs(a - b) <= 1e-5, (field.name, a, b)
@@ -83,9 +85,18 @@ def test_one_pass_over_the_batches_without_gradients(gpt2_tokenizer):
 
 def test_a_model_the_packed_layout_would_not_fit_gets_padded_rows(gpt2_tokenizer, caplog):
     torch.manual_seed(0)
-    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(
-        vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, sliding_window=8)).eval()  # pairs are longer than 8
+    mistral = transformers.MistralForCausalLM(
+        transformers.MistralConfig(
+            vocab_size=50257,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            sliding_window=8,
+        )
+    ).eval()  # pairs are longer than 8
     rows = pairs()
     with caplog.at_level(logging.WARNING, logger="alignment.evaluation.scoring"):
         scores = preference_scores(mistral, None, gpt2_tokenizer, rows, batch_size=4)
@@ -102,46 +113,91 @@ def benchmark(num_pairs=64, batch_size=16, n_layer=6, n_embd=512, repeats=1):
 
     tokenizer = load_tokenizer("gpt2")
     torch.manual_seed(0)
-    config = AlignmentGPT2Config(vocab_size=50257, n_positions=1024, n_embd=n_embd, n_layer=n_layer,
-                                 n_head=max(1, n_embd // 64))
+    config = AlignmentGPT2Config(
+        vocab_size=50257, n_positions=1024, n_embd=n_embd, n_layer=n_layer, n_head=max(1, n_embd // 64)
+    )
     policy, reference = AlignmentGPT2ForCausalLM(config).eval(), AlignmentGPT2ForCausalLM(config).eval()
-    words = "the of and a to in is you that it he was for on are as with his they I at be this have from".split()
+    words = [
+        "the",
+        "of",
+        "and",
+        "a",
+        "to",
+        "in",
+        "is",
+        "you",
+        "that",
+        "it",
+        "he",
+        "was",
+        "for",
+        "on",
+        "are",
+        "as",
+        "with",
+        "his",
+        "they",
+        "I",
+        "at",
+        "be",
+        "this",
+        "have",
+        "from",
+    ]
     rows = []
     for i in range(num_pairs):
-        turns = "".join(f"\n\nHuman: {' '.join(words[(i + t + k) % len(words)] for k in range(20 + t))}"
-                        f"\n\nAssistant: {' '.join(words[(2 * i + k) % len(words)] for k in range(25))}"
-                        for t in range(3 + i % 3))
-        rows.append({"prompt": f"{turns}\n\nHuman: What now?\n\nAssistant:",
-                     "chosen": " " + " ".join(words[(i + k) % len(words)] for k in range(20 + i % 20)),
-                     "rejected": " No, " + " ".join(words[(3 * i + k) % len(words)] for k in range(30 + i % 25))})
+        turns = "".join(
+            f"\n\nHuman: {' '.join(words[(i + t + k) % len(words)] for k in range(20 + t))}"
+            f"\n\nAssistant: {' '.join(words[(2 * i + k) % len(words)] for k in range(25))}"
+            for t in range(3 + i % 3)
+        )
+        rows.append(
+            {
+                "prompt": f"{turns}\n\nHuman: What now?\n\nAssistant:",
+                "chosen": " " + " ".join(words[(i + k) % len(words)] for k in range(20 + i % 20)),
+                "rejected": " No, " + " ".join(words[(3 * i + k) % len(words)] for k in range(30 + i % 25)),
+            }
+        )
     n_tokens = sum(len(tokenizer(r["prompt"])["input_ids"]) for r in rows) / num_pairs
-    print(f"{num_pairs} pairs, prompts of {n_tokens:.0f} tokens on average; GPT-2 {config.n_layer} layers x "
-          f"{config.n_embd}; batch_size {batch_size}; {torch.get_num_threads()} CPU threads")
+    print(
+        f"{num_pairs} pairs, prompts of {n_tokens:.0f} tokens on average; GPT-2 {config.n_layer} layers x "
+        f"{config.n_embd}; batch_size {batch_size}; {torch.get_num_threads()} CPU threads"
+    )
     padded_tokens = shared_tokens = 0  # positions through each model, padding included
     collator = SharedPrefixPreferenceCollator(tokenizer.pad_token_id)
     for start in range(0, num_pairs, batch_size):
         batch = rows[start : start + batch_size]
         for key in ("chosen", "rejected"):
             padded_tokens += len(batch) * max(len(_prompt_reply_ids(tokenizer, r["prompt"], r[key])[0]) for r in batch)
-        entries = [dict(zip(("prompt_ids", "chosen_ids", "rejected_ids"), e)) for r in batch
-                   for e in pair_entries(tokenizer, r)]
+        entries = [
+            dict(zip(("prompt_ids", "chosen_ids", "rejected_ids"), e))
+            for r in batch
+            for e in pair_entries(tokenizer, r)
+        ]
         shared_tokens += collator(entries)["input_ids"].numel()
-    print(f"positions a model computes: {padded_tokens} padded, {shared_tokens} shared "
-          f"({padded_tokens / shared_tokens:.2f}x fewer)")
+    print(
+        f"positions a model computes: {padded_tokens} padded, {shared_tokens} shared "
+        f"({padded_tokens / shared_tokens:.2f}x fewer)"
+    )
     wall, cpu = {False: float("inf"), True: float("inf")}, {False: float("inf"), True: float("inf")}
     for prefix_sharing in (False, True):  # warm-up
         preference_scores(policy, reference, tokenizer, rows[:2], batch_size=batch_size, prefix_sharing=prefix_sharing)
     for _ in range(repeats):  # interleaved, best of `repeats`: other processes only ever slow a run down
         for prefix_sharing in (False, True):
             start, start_cpu = time.perf_counter(), time.process_time()
-            scores = preference_scores(policy, reference, tokenizer, rows, batch_size=batch_size,
-                                       prefix_sharing=prefix_sharing)
+            scores = preference_scores(
+                policy, reference, tokenizer, rows, batch_size=batch_size, prefix_sharing=prefix_sharing
+            )
             wall[prefix_sharing] = min(wall[prefix_sharing], time.perf_counter() - start)
             cpu[prefix_sharing] = min(cpu[prefix_sharing], time.process_time() - start_cpu)
-            print(f"prefix_sharing={prefix_sharing!s:5}  best {wall[prefix_sharing]:6.2f} s wall, "
-                  f"{cpu[prefix_sharing]:6.2f} s CPU  {scores}")
-    print(f"speed-up {wall[False] / wall[True]:.2f}x wall, {cpu[False] / cpu[True]:.2f}x CPU "
-          f"(policy and reference, {num_pairs} pairs)")
+            print(
+                f"prefix_sharing={prefix_sharing!s:5}  best {wall[prefix_sharing]:6.2f} s wall, "
+                f"{cpu[prefix_sharing]:6.2f} s CPU  {scores}"
+            )
+    print(
+        f"speed-up {wall[False] / wall[True]:.2f}x wall, {cpu[False] / cpu[True]:.2f}x CPU "
+        f"(policy and reference, {num_pairs} pairs)"
+    )
 
 
 if __name__ == "__main__":

@@ -14,20 +14,44 @@ import trl
 from alignment.training import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from tests.conftest import preference_rows, tiny_causal_lms
 
-COMMON = dict(per_device_train_batch_size=4, max_steps=1, logging_steps=1, report_to="none", save_strategy="no",
-              bf16=False, use_cpu=True, seed=0, max_length=32, packing=False)
+COMMON = dict(
+    per_device_train_batch_size=4,
+    max_steps=1,
+    logging_steps=1,
+    report_to="none",
+    save_strategy="no",
+    bf16=False,
+    use_cpu=True,
+    seed=0,
+    max_length=32,
+    packing=False,
+)
 
 
 def texts(n=8):
-    return datasets.Dataset.from_list([{"text": f"\n\nHuman: What is {i} + {i % 3}?\n\nAssistant: {i + i % 3}"}
-                                       for i in range(n)])
+    return datasets.Dataset.from_list(
+        [{"text": f"\n\nHuman: What is {i} + {i % 3}?\n\nAssistant: {i + i % 3}"} for i in range(n)]
+    )
 
 
 def mixtral():
-    return transformers.MixtralForCausalLM(transformers.MixtralConfig(
-        vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
-        output_router_logits=True, router_aux_loss_coef=0.02, bos_token_id=50256, eos_token_id=50256))
+    return transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(
+            vocab_size=50257,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=64,
+            output_router_logits=True,
+            router_aux_loss_coef=0.02,
+            bos_token_id=50256,
+            eos_token_id=50256,
+        )
+    )
 
 
 def smoothed_ce(outputs, labels, num_items_in_batch=None):
@@ -47,10 +71,12 @@ CASES = {
 def pair_of_trainers(tmp_path, gpt2_tokenizer, model, config_overrides=None, trainer_kwargs=None):
     config_overrides, trainer_kwargs = config_overrides or {}, trainer_kwargs or {}
     kwargs = dict(train_dataset=texts(), processing_class=gpt2_tokenizer, **trainer_kwargs)
-    ours = SFTTrainer(copy.deepcopy(model), args=SFTConfig(output_dir=str(tmp_path / "a"), **COMMON, **config_overrides),
-                      **kwargs)
-    stock = trl.SFTTrainer(copy.deepcopy(model), args=trl.SFTConfig(output_dir=str(tmp_path / "b"), **COMMON,
-                                                                     **config_overrides), **kwargs)
+    ours = SFTTrainer(
+        copy.deepcopy(model), args=SFTConfig(output_dir=str(tmp_path / "a"), **COMMON, **config_overrides), **kwargs
+    )
+    stock = trl.SFTTrainer(
+        copy.deepcopy(model), args=trl.SFTConfig(output_dir=str(tmp_path / "b"), **COMMON, **config_overrides), **kwargs
+    )
     return ours, stock
 
 
@@ -67,8 +93,9 @@ def same_batch_loss(ours, stock):
 def test_sft_loss_and_metrics_equal_stock_trl(case, tmp_path, gpt2_tokenizer):
     torch.manual_seed(0)
     config_overrides, trainer_kwargs = CASES[case]
-    ours, stock = pair_of_trainers(tmp_path, gpt2_tokenizer, tiny_causal_lms()["ours"](), config_overrides,
-                                   trainer_kwargs)
+    ours, stock = pair_of_trainers(
+        tmp_path, gpt2_tokenizer, tiny_causal_lms()["ours"](), config_overrides, trainer_kwargs
+    )
     (a, b) = same_batch_loss(ours, stock)
     assert abs(a.item() - b.item()) <= 1e-5, (a.item(), b.item())
     for name in ("mean_token_accuracy", "entropy", "num_tokens"):
@@ -94,9 +121,21 @@ def test_moe_auxiliary_loss_is_honoured_in_sft_and_refused_in_dpo(tmp_path, gpt2
     ours, stock = pair_of_trainers(tmp_path, gpt2_tokenizer, mixtral())
     a, b = same_batch_loss(ours, stock)
     assert abs(a.item() - b.item()) <= 1e-5
-    assert ours._metrics["train"]["aux_loss"] and ours._metrics["train"]["aux_loss"] == stock._metrics["train"]["aux_loss"]
-    args = DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=2, report_to="none", bf16=False,
-                     use_cpu=True, max_length=32)
+    assert (
+        ours._metrics["train"]["aux_loss"] and ours._metrics["train"]["aux_loss"] == stock._metrics["train"]["aux_loss"]
+    )
+    args = DPOConfig(
+        output_dir=str(tmp_path / "dpo"),
+        per_device_train_batch_size=2,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        max_length=32,
+    )
     with pytest.raises(ValueError, match=r"router auxiliary loss \(router_aux_loss_coef=0.02\) is not part of"):
-        DPOTrainer(mixtral(), args=args, train_dataset=datasets.Dataset.from_list(preference_rows(4)),
-                   processing_class=gpt2_tokenizer)
+        DPOTrainer(
+            mixtral(),
+            args=args,
+            train_dataset=datasets.Dataset.from_list(preference_rows(4)),
+            processing_class=gpt2_tokenizer,
+        )

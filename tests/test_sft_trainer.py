@@ -7,8 +7,8 @@ import pytest
 import torch
 import trl
 
-from alignment.training.configs import SFTConfig
 from alignment.training import PackedDocumentsCollator, SFTTrainer
+from alignment.training.configs import SFTConfig
 from tests.conftest import tiny_causal_lms
 
 EOS = 50256
@@ -16,8 +16,16 @@ EOS = 50256
 
 def config(tmp_path, **overrides):
     settings = dict(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=2, logging_steps=1,
-        report_to="none", save_strategy="no", learning_rate=1e-3, bf16=False, seed=0, max_length=24,
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        learning_rate=1e-3,
+        bf16=False,
+        seed=0,
+        max_length=24,
     )
     return SFTConfig(**{**settings, **overrides})
 
@@ -56,8 +64,12 @@ def direct_objective(model, batch):
 def test_logged_loss_equals_the_objective(tmp_path, gpt2_tokenizer, model_name):
     torch.manual_seed(0)
     model = tiny_causal_lms()[model_name]()
-    trainer = SFTTrainer(model, args=config(tmp_path), train_dataset=datasets.Dataset.from_list(dialogues()),
-                         processing_class=gpt2_tokenizer)
+    trainer = SFTTrainer(
+        model,
+        args=config(tmp_path),
+        train_dataset=datasets.Dataset.from_list(dialogues()),
+        processing_class=gpt2_tokenizer,
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     assert (batch["position_ids"] == 0).sum() > batch["input_ids"].size(0)  # windows really hold several documents
     with torch.no_grad():
@@ -71,8 +83,12 @@ def test_logged_loss_equals_the_objective(tmp_path, gpt2_tokenizer, model_name):
 def test_completion_only_loss_scores_only_replies(tmp_path, gpt2_tokenizer):
     rows = [{"prompt": f"\n\nHuman: What is {i} + 1?\n\nAssistant:", "completion": f" {i + 1}"} for i in range(8)]
     torch.manual_seed(0)
-    trainer = SFTTrainer(tiny_causal_lms()["ours"](), args=config(tmp_path, completion_only_loss=True),
-                         train_dataset=datasets.Dataset.from_list(rows), processing_class=gpt2_tokenizer)
+    trainer = SFTTrainer(
+        tiny_causal_lms()["ours"](),
+        args=config(tmp_path, completion_only_loss=True),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=gpt2_tokenizer,
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     scored = batch["input_ids"][batch["labels"] != -100].tolist()
     assert set(scored) <= {gpt2_tokenizer.encode(f" {i + 1}")[0] for i in range(8)} | {EOS}
@@ -86,8 +102,12 @@ def test_stock_sft_trainer_gets_the_same_loss(tmp_path, gpt2_tokenizer):
     """Same windows through stock TRL's loss (its fused LM head) and ours: equal loss and gradients."""
     torch.manual_seed(0)
     model = tiny_causal_lms()["ours"]()
-    ours = SFTTrainer(model, args=config(tmp_path), train_dataset=datasets.Dataset.from_list(dialogues()),
-                      processing_class=gpt2_tokenizer)
+    ours = SFTTrainer(
+        model,
+        args=config(tmp_path),
+        train_dataset=datasets.Dataset.from_list(dialogues()),
+        processing_class=gpt2_tokenizer,
+    )
     batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))
     ours_loss = ours.compute_loss(ours.model, dict(batch))
     ours_loss.backward()

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from alignment.run.arguments import DataArguments, ModelArguments
-from alignment.training.configs import DPOConfig, SFTConfig
 from alignment.run.recipe import parse_recipe
+from alignment.training.configs import DPOConfig, SFTConfig
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").rglob("*.yaml"))
 

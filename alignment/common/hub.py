@@ -15,7 +15,7 @@ FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".gz", ".txt", ".yaml", 
 
 
 def looks_like_hub_id(name: str) -> bool:
-    """"owner/name" or "name", not a file name, not starting with '.' or '~', and not a path under a local folder
+    """ "owner/name" or "name", not a file name, not starting with '.' or '~', and not a path under a local folder
     ("outputs/sft" with a local "outputs/" is a mistyped path, not a Hub repository)."""
     if HUB_ID.fullmatch(name) is None or name.startswith((".", "~")) or name.lower().endswith(FILE_SUFFIXES):
         return False

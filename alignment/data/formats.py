@@ -53,7 +53,6 @@ IDENTICAL = "chosen identical to rejected"
 PROMPT_TOO_LONG = "prompt longer than max_prompt_length"
 
 
-
 class DataFormatError(ValueError):
     """The data cannot be read or turned into the layout a trainer needs."""
 
@@ -90,8 +89,7 @@ def detect_format(columns: Sequence[str], source: str = "dataset", target: str =
             return fmt
     accepted = ", ".join(f"{fmt} ({', '.join(FORMATS[fmt])})" for fmt in _SOURCES_FOR[target])
     raise DataFormatError(
-        f"{source} has columns {list(columns)}, which match no known {target} format; "
-        f"expected one of: {accepted}"
+        f"{source} has columns {list(columns)}, which match no known {target} format; expected one of: {accepted}"
     )
 
 
@@ -100,13 +98,11 @@ def _check_format(columns: Sequence[str], fmt: str, source: str, target: str) ->
     missing = [column for column in FORMATS[fmt] if column not in columns]
     if missing:
         raise DataFormatError(
-            f"{source}: format {fmt!r} needs columns {list(FORMATS[fmt])}, "
-            f"missing {missing} (found {list(columns)})"
+            f"{source}: format {fmt!r} needs columns {list(FORMATS[fmt])}, missing {missing} (found {list(columns)})"
         )
     if fmt not in _SOURCES_FOR[target]:
         raise DataFormatError(
-            f"{source}: format {fmt!r} cannot provide {target} data; "
-            f"use one of: {', '.join(_SOURCES_FOR[target])}"
+            f"{source}: format {fmt!r} cannot provide {target} data; use one of: {', '.join(_SOURCES_FOR[target])}"
         )
 
 
@@ -244,5 +240,3 @@ def normalize_dataset(
     kept = kept.select_columns(list(FORMATS[target]))
     logger.info("%s: kept %d of %d rows (format %s)", source, report.kept, report.total, format)
     return kept, report
-
-

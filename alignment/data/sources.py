@@ -88,8 +88,7 @@ def _check_utf8(path: Path) -> None:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError as error:
             raise DataFormatError(
-                f"{path} is not valid UTF-8 text (bad byte near offset {offset + error.start}); "
-                "re-encode it as UTF-8"
+                f"{path} is not valid UTF-8 text (bad byte near offset {offset + error.start}); re-encode it as UTF-8"
             ) from None
 
 
@@ -172,9 +171,7 @@ def _load_mixture(
             pooled.append(prepare(spec, spec.split))
         else:
             if Path(spec.path).expanduser().is_file():
-                raise DataFormatError(
-                    f"{spec.path}: a single file has no {spec.eval_split!r} split; drop eval_split"
-                )
+                raise DataFormatError(f"{spec.path}: a single file has no {spec.eval_split!r} split; drop eval_split")
             train_parts.append(prepare(spec, spec.split))
             test_parts.append(prepare(spec, spec.eval_split))
     if pooled and test_size:

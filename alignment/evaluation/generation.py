@@ -41,8 +41,14 @@ def generate(
     if not do_sample:
         num_return_sequences = 1
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    settings = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        num_return_sequences=num_return_sequences,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+    )
     if do_sample:
         settings.update(temperature=temperature, top_k=top_k, top_p=top_p)
     else:  # a checkpoint's generation_config may ask for sampling settings; greedy ignores them without warnings

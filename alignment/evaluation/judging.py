@@ -57,8 +57,10 @@ class WinRate:
         return self.wins + self.ties + self.losses
 
     def as_dict(self, comparisons: bool = False) -> dict[str, Any]:
-        result = {name: getattr(self, name) for name in
-                  ("wins", "ties", "losses", "total", "win_rate", "ci_low", "ci_high", "confidence")}
+        result = {
+            name: getattr(self, name)
+            for name in ("wins", "ties", "losses", "total", "win_rate", "ci_low", "ci_high", "confidence")
+        }
         if comparisons:
             result["comparisons"] = list(self.comparisons)
         return result
@@ -119,8 +121,16 @@ def judged_win_rate(
             outcome, wins = "win", wins + 1
         else:
             outcome, losses = "loss", losses + 1
-        comparisons.append({"prompt": prompt, "policy": mine, "reference": theirs,
-                            "policy_score": my_score, "reference_score": their_score, "outcome": outcome})
+        comparisons.append(
+            {
+                "prompt": prompt,
+                "policy": mine,
+                "reference": theirs,
+                "policy_score": my_score,
+                "reference_score": their_score,
+                "outcome": outcome,
+            }
+        )
     result = win_rate_from_counts(wins, ties, losses, confidence)
     result.comparisons = comparisons
     return result
@@ -164,8 +174,13 @@ class RewardModelJudge:
         scores: list[float] = []
         try:
             for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True,
-                                       truncation=self.max_length is not None, max_length=self.max_length)
+                batch = self.tokenizer(
+                    texts[start : start + self.batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=self.max_length is not None,
+                    max_length=self.max_length,
+                )
                 logits = self.model(**batch.to(device)).logits
                 scores += logits[:, self.label_index].float().cpu().tolist()
         finally:

@@ -51,8 +51,9 @@ def load_causal_lm(
     """
     check_checkpoint(os.fspath(name_or_path))
     path = os.path.expanduser(os.fspath(name_or_path))
-    model = load_model(path, revision=revision, dtype=dtype, implementation=model_implementation,
-                       trust_remote_code=trust_remote_code)
+    model = load_model(
+        path, revision=revision, dtype=dtype, implementation=model_implementation, trust_remote_code=trust_remote_code
+    )
     tokenizer = load_tokenizer(tokenizer_source(path, tokenizer_name_or_path))
     check_compatible(model, tokenizer, None)
     if device is not None:

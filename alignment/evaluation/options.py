@@ -22,16 +22,24 @@ class ArgumentParser(argparse.ArgumentParser):
 def command_parser(prog: str, usage: str) -> ArgumentParser:
     """A raising parser whose description is the first line of `usage` and whose epilog is the rest."""
     lines = usage.splitlines()
-    return ArgumentParser(prog=prog, description=lines[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                          epilog="\n".join(lines[1:]))
+    return ArgumentParser(
+        prog=prog,
+        description=lines[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(lines[1:]),
+    )
 
 
 def add_loading_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The command-line options of `load_causal_lm`, shared by scripts/generate.py and scripts/evaluate.py."""
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the checkpoint's)")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow model code from the checkpoints")
-    parser.add_argument("--model_implementation", choices=("alignment", "transformers"), default="alignment",
-                        help="GPT-2 checkpoints load into our class ('alignment') or transformers' own")
+    parser.add_argument(
+        "--model_implementation",
+        choices=("alignment", "transformers"),
+        default="alignment",
+        help="GPT-2 checkpoints load into our class ('alignment') or transformers' own",
+    )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"))
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
@@ -45,8 +53,13 @@ def pick_device(name: str | None) -> torch.device:
 
 def loading_kwargs(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """`load_causal_lm`'s keyword arguments from the options of `add_loading_arguments`."""
-    return dict(tokenizer_name_or_path=args.tokenizer, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
-                model_implementation=args.model_implementation, device=device)
+    return dict(
+        tokenizer_name_or_path=args.tokenizer,
+        trust_remote_code=args.trust_remote_code,
+        dtype=args.dtype,
+        model_implementation=args.model_implementation,
+        device=device,
+    )
 
 
 def check_at_least_one(args: argparse.Namespace, names: list[str]) -> None:
@@ -69,8 +82,11 @@ def check_output_json(path: str | None) -> None:
 
 def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
     """`generate`'s keyword arguments from the sampling options (`--greedy` drops the sampling ones)."""
-    settings: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": not args.greedy,
-                                "batch_size": args.batch_size}
+    settings: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": not args.greedy,
+        "batch_size": args.batch_size,
+    }
     if not args.greedy:
         settings.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     return settings

@@ -53,7 +53,10 @@ class _FigureSpec:
 
 
 _LEARNING_RATE = _FigureSpec(
-    "learning_rate.png", "Learning rate schedule", "learning rate", (("learning_rate", "learning rate"),),
+    "learning_rate.png",
+    "Learning rate schedule",
+    "learning rate",
+    (("learning_rate", "learning rate"),),
     smooth=False,  # the schedule is exact, not noisy: an average would only blur warmup and decay
     scientific_y=True,
     y_from_zero=True,
@@ -65,11 +68,17 @@ SFT_FIGURES = (
 DPO_FIGURES = (
     _FigureSpec("dpo_loss.png", "DPO loss", "loss", (("loss", "loss"),), reference=(math.log(2), "ln 2 (start)")),
     _FigureSpec(
-        "dpo_accuracy.png", "DPO reward accuracy", "reward accuracy (chosen > rejected)",
-        (("rewards/accuracies", "accuracy"),), ylim=(-0.03, 1.03), reference=(0.5, "chance"),
+        "dpo_accuracy.png",
+        "DPO reward accuracy",
+        "reward accuracy (chosen > rejected)",
+        (("rewards/accuracies", "accuracy"),),
+        ylim=(-0.03, 1.03),
+        reference=(0.5, "chance"),
     ),
     _FigureSpec(
-        "dpo_rewards.png", "DPO implicit rewards", "reward (β · log-ratio to reference)",
+        "dpo_rewards.png",
+        "DPO implicit rewards",
+        "reward (β · log-ratio to reference)",
         (("rewards/margins", "margin"), ("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")),
         reference=(0.0, None),
     ),
@@ -184,8 +193,17 @@ def _draw(spec: _FigureSpec, history: list[dict[str, Any]], run_name: str) -> Fi
             smoothed_any |= _draw_train(ax, steps, values, TRAIN_COLOR if single else color, label, spec.smooth)
         if eval_steps:
             # Few points, each already an average over the eval set: draw them all, never smoothed.
-            ax.plot(eval_steps, eval_values, color=EVAL_COLOR if single else color, linestyle="--", marker="o",
-                    markersize=5, linewidth=1.2, label="eval" if single else f"{name} (eval)", zorder=3)
+            ax.plot(
+                eval_steps,
+                eval_values,
+                color=EVAL_COLOR if single else color,
+                linestyle="--",
+                marker="o",
+                markersize=5,
+                linewidth=1.2,
+                label="eval" if single else f"{name} (eval)",
+                zorder=3,
+            )
 
     if spec.reference is not None:
         level, label = spec.reference
@@ -207,8 +225,15 @@ def _draw(spec: _FigureSpec, history: list[dict[str, Any]], run_name: str) -> Fi
     ax.set_ylabel(spec.ylabel)
     ax.grid(True, alpha=0.3)
     # Beside the axes, not inside: noisy raw values fill the whole plot, so any spot inside covers some.
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize="small", frameon=False,
-              title="thin: raw values" if smoothed_any else None, title_fontsize="x-small")
+    ax.legend(
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0.0,
+        fontsize="small",
+        frameon=False,
+        title="thin: raw values" if smoothed_any else None,
+        title_fontsize="x-small",
+    )
     figure.tight_layout()
     return figure
 
@@ -216,8 +241,16 @@ def _draw(spec: _FigureSpec, history: list[dict[str, Any]], run_name: str) -> Fi
 def _draw_train(ax, steps, values, color, label, smooth) -> bool:
     """Raw values thin and faint, their moving average solid; True when an average was drawn."""
     if not smooth or len(values) < MIN_POINTS_TO_SMOOTH:
-        ax.plot(steps, values, color=color, linewidth=1.6, label=label, zorder=2,
-                marker="o" if len(values) < MIN_POINTS_TO_SMOOTH else None, markersize=4)
+        ax.plot(
+            steps,
+            values,
+            color=color,
+            linewidth=1.6,
+            label=label,
+            zorder=2,
+            marker="o" if len(values) < MIN_POINTS_TO_SMOOTH else None,
+            markersize=4,
+        )
         return False
     ax.plot(steps, values, color=color, linewidth=0.8, alpha=0.3, zorder=2)
     ax.plot(steps, _ema(values), color=color, linewidth=1.8, label=label, zorder=2.5)

@@ -61,12 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference", default=None, help="reference checkpoint (e.g. the SFT model)")
     parser.add_argument("--split", default="test", help="split of a folder or Hub dataset (default: test)")
     parser.add_argument("--dataset_config", default=None, help="Hub config (subset) of the dataset")
-    parser.add_argument("--dataset_format", default=None,
-                        choices=("hh", "rm-static", "stack-exchange", "preference"),
-                        help="shape of the data (default: detected from the columns)")
+    parser.add_argument(
+        "--dataset_format",
+        default=None,
+        choices=("hh", "rm-static", "stack-exchange", "preference"),
+        help="shape of the data (default: detected from the columns)",
+    )
     parser.add_argument("--max_samples", type=int, default=None, help="score the first N pairs only")
-    parser.add_argument("--max_length", type=int, default=None,
-                        help="leave out pairs longer than this many tokens (default: the models' positions)")
+    parser.add_argument(
+        "--max_length",
+        type=int,
+        default=None,
+        help="leave out pairs longer than this many tokens (default: the models' positions)",
+    )
     parser.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward and the DPO loss")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--output_json", default=None, help="write the results here as JSON")
@@ -108,8 +115,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_options(args)
     progress = not args.no_progress
     # the data first: a wrong path fails before any model loads
-    pairs = load_preference_pairs(args.data, args.split, format=args.dataset_format, config=args.dataset_config,
-                                  max_samples=args.max_samples)
+    pairs = load_preference_pairs(
+        args.data, args.split, format=args.dataset_format, config=args.dataset_config, max_samples=args.max_samples
+    )
     device = pick_device(args.device)
     policy, tokenizer = load_causal_lm(args.policy, **loading_kwargs(args, device))
     reference = None
@@ -117,23 +125,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reference, _ = load_causal_lm(args.reference, **loading_kwargs(args, device))
     judge = None
     if args.judge_model is not None:
-        judge = load_reward_model(args.judge_model, tokenizer_name_or_path=args.judge_tokenizer,
-                                  trust_remote_code=args.trust_remote_code, device=device, batch_size=args.batch_size)
-    limits = [n for n in (args.max_length, *(model_max_length(m) for m in (policy, reference) if m is not None))
-              if n is not None]
+        judge = load_reward_model(
+            args.judge_model,
+            tokenizer_name_or_path=args.judge_tokenizer,
+            trust_remote_code=args.trust_remote_code,
+            device=device,
+            batch_size=args.batch_size,
+        )
+    limits = [
+        n
+        for n in (args.max_length, *(model_max_length(m) for m in (policy, reference) if m is not None))
+        if n is not None
+    ]
     pairs, too_long = fit_pairs(pairs, tokenizer, min(limits) if limits else None)
     if not pairs:
-        raise ValueError(f"all {too_long} pairs are longer than {min(limits)} tokens; raise --max_length or use "
-                         "a model with more positions")
+        raise ValueError(
+            f"all {too_long} pairs are longer than {min(limits)} tokens; raise --max_length or use "
+            "a model with more positions"
+        )
 
-    scores = preference_scores(policy, reference, tokenizer, pairs, beta=args.beta, batch_size=args.batch_size,
-                               progress=progress).as_dict()
+    scores = preference_scores(
+        policy, reference, tokenizer, pairs, beta=args.beta, batch_size=args.batch_size, progress=progress
+    ).as_dict()
     if reference is None:
         scores.update(dict.fromkeys(REWARD_FIELDS))
     result: dict[str, Any] = {
-        "policy": args.policy, "reference": args.reference, "data": args.data,
+        "policy": args.policy,
+        "reference": args.reference,
+        "data": args.data,
         "split": None if Path(args.data).expanduser().is_file() else args.split,
-        "beta": args.beta, "pairs_too_long": too_long, "scores": scores, "win_rate": None,
+        "beta": args.beta,
+        "pairs_too_long": too_long,
+        "scores": scores,
+        "win_rate": None,
     }
     if judge is not None:
         result["win_rate"] = win_rate(args, policy, reference, tokenizer, pairs, judge, progress)
@@ -171,8 +195,16 @@ def win_rate(
     limit = min(n for n in (model_max_length(policy), model_max_length(reference), 10**9) if n is not None)
     prompts = judge_prompts(pairs, tokenizer, args.judge_prompts, args.max_new_tokens, limit)
     transformers.set_seed(args.seed)
-    outcome = judged_win_rate(policy, reference, tokenizer, prompts, judge, tie_tolerance=args.tie_tolerance,
-                              progress=progress, **generation_settings(args))
+    outcome = judged_win_rate(
+        policy,
+        reference,
+        tokenizer,
+        prompts,
+        judge,
+        tie_tolerance=args.tie_tolerance,
+        progress=progress,
+        **generation_settings(args),
+    )
     return {**outcome.as_dict(comparisons=True), "judge_model": args.judge_model}
 
 
@@ -199,8 +231,10 @@ def print_table(result: dict[str, Any]) -> None:
     judged = result["win_rate"]
     if judged is not None:
         rows += [
-            ("judged win rate vs reference (ties half)",
-             f"{judged['win_rate']:.1%} [{judged['ci_low']:.1%}, {judged['ci_high']:.1%}]"),
+            (
+                "judged win rate vs reference (ties half)",
+                f"{judged['win_rate']:.1%} [{judged['ci_low']:.1%}, {judged['ci_high']:.1%}]",
+            ),
             ("  wins / ties / losses", f"{judged['wins']} / {judged['ties']} / {judged['losses']}"),
         ]
     width = max(len(label) for label, _ in rows) + 2

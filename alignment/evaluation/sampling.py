@@ -57,12 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = command_parser("generate.py", USAGE)
     parser.add_argument("checkpoint", help="model folder or Hub id")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--prompt", default=None,
-                        help="the prompt, \\n for a newline (default: the assignment's Kate prompt)")
+    source.add_argument(
+        "--prompt", default=None, help="the prompt, \\n for a newline (default: the assignment's Kate prompt)"
+    )
     source.add_argument("--prompts_file", default=None, help="one prompt per line, or .jsonl/.json with 'prompt'")
     parser.add_argument("--chat", action="store_true", help="interactive HH dialogue, reading user lines from stdin")
-    parser.add_argument("--num_samples", type=int, default=None,
-                        help="samples per prompt (default 10; 1 with --greedy)")
+    parser.add_argument(
+        "--num_samples", type=int, default=None, help="samples per prompt (default 10; 1 with --greedy)"
+    )
     parser.add_argument("--max_new_tokens", type=int, default=50)
     parser.add_argument("--temperature", type=float, default=0.9)
     parser.add_argument("--top_k", type=int, default=200)
@@ -137,8 +139,10 @@ def check_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
     positions = model_max_length(model)
     n_prompt = len(tokenizer(prompt)["input_ids"])
     if positions is not None and n_prompt + max_new_tokens > positions:
-        raise ValueError(f"a prompt of {n_prompt} tokens plus max_new_tokens {max_new_tokens} exceeds the model's "
-                         f"{positions} positions; shorten the prompt or lower --max_new_tokens")
+        raise ValueError(
+            f"a prompt of {n_prompt} tokens plus max_new_tokens {max_new_tokens} exceeds the model's "
+            f"{positions} positions; shorten the prompt or lower --max_new_tokens"
+        )
 
 
 def sample(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
@@ -182,8 +186,11 @@ def chat(
             print(f"Human: {user}")
         turns.append({"human": user, "assistant": ""})
         prompt = dialogue(turns[first:])
-        while positions is not None and first < len(turns) - 1 and \
-                len(tokenizer(prompt)["input_ids"]) + args.max_new_tokens > positions:
+        while (
+            positions is not None
+            and first < len(turns) - 1
+            and len(tokenizer(prompt)["input_ids"]) + args.max_new_tokens > positions
+        ):
             first += 1  # the model forgets the oldest turn rather than overflow its positions
             prompt = dialogue(turns[first:])
         check_length(model, tokenizer, prompt, args.max_new_tokens)

@@ -62,7 +62,9 @@ def reply_logps(
             attention_mask[i, : len(ids)] = 1
             labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
         token_logps = model(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device),
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            labels=labels.to(device),
             token_logps=True,
         )
         sums.append(token_logps.float().cpu().double().sum(-1))  # float64 sums: the order of the terms never shows
@@ -129,8 +131,9 @@ def shared_prefix_logps(
         for model, part in zip(models, parts):
             device = next(model.parameters()).device
             scored = score_batch(model, {key: value.to(device) for key, value in batch.items()})
-            scored = ScoredTokens(scored.logps.float().cpu().double(), scored.pairs.cpu(), scored.rejected.cpu(),
-                                  scored.num_pairs)  # summed in float64, as `reply_logps` sums
+            scored = ScoredTokens(
+                scored.logps.float().cpu().double(), scored.pairs.cpu(), scored.rejected.cpu(), scored.num_pairs
+            )  # summed in float64, as `reply_logps` sums
             by_entry = scored.reply_logps()  # an entry is a pair, or one reply of a pair whose prompts differ
             part.append(ReplyLogps(*(
                 values.new_zeros(len(rows)).index_add(0, owner, values)
@@ -146,8 +149,11 @@ def shared_prefix_problem(
 ) -> str | None:
     """Why packing these pairs would not give some model the log-probs of separate rows (the trainer's rule,
     `prefix_sharing_problem`, with the longest sequence of the pairs); None when it is exact for every model."""
-    longest = max(len(prompt) + max(len(chosen), len(rejected))
-                  for row in pairs for prompt, chosen, rejected in pair_entries(tokenizer, row))
+    longest = max(
+        len(prompt) + max(len(chosen), len(rejected))
+        for row in pairs
+        for prompt, chosen, rejected in pair_entries(tokenizer, row)
+    )
     for model in models:
         add_logprob_head(model)  # the probe scores through the log-prob head
         problem = prefix_sharing_problem(model, longest)
@@ -209,8 +215,7 @@ def preference_scores(
     if not pairs:
         raise ValueError("no preference pairs to score")
     models = [policy] if reference is None or reference is policy else [policy, reference]
-    bar = tqdm(total=2 * len(models) * len(pairs), desc="scoring pairs", unit="seq", disable=not progress,
-               leave=False)
+    bar = tqdm(total=2 * len(models) * len(pairs), desc="scoring pairs", unit="seq", disable=not progress, leave=False)
     if prefix_sharing:
         problem = shared_prefix_problem(models, tokenizer, pairs)
         if problem is not None:

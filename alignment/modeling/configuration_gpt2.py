@@ -14,6 +14,7 @@ GPT2_SIZES: dict[str, dict[str, int]] = {
     "gpt2-xl": {"n_layer": 48, "n_head": 25, "n_embd": 1600},  # 1558M
 }
 
+
 class AlignmentGPT2Config(PreTrainedConfig):
     r"""
     Args:

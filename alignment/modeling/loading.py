@@ -165,7 +165,9 @@ def tokenizer_source(name_or_path: str | None, tokenizer_name_or_path: str | Non
     path = name_or_path
     if tokenizer_name_or_path:
         return tokenizer_name_or_path
-    if path is None or (os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)):
+    if path is None or (
+        os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)
+    ):
         return "gpt2"
     return path
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import trl
 
-
 GPT2_LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # attention qkv, both output projections and the MLP input
 
 

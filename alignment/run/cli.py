@@ -7,6 +7,7 @@ Exit codes: 0 done; 1 an error (the line says what to change); 128 + the signal 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -42,10 +43,8 @@ def close_progress_bars() -> None:
     except ImportError:
         return
     for bar in list(getattr(tqdm, "_instances", ())):
-        try:
+        with contextlib.suppress(Exception):  # a bar that cannot close must not hide the error line
             bar.close()
-        except Exception:
-            pass
 
 
 def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
@@ -67,6 +66,3 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) 
         close_progress_bars()
         print(f"error: {one_line(error)} (run with --debug for the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
-
-
-

@@ -92,8 +92,12 @@ class RunFolderLock:
         except (OSError, ValueError, KeyError, TypeError):
             pid, host, started = None, None, "?"
         if pid is not None and host == socket.gethostname() and not process_alive(pid):
-            logger.warning("output_dir %s: taking over the lock of a run that is gone (pid %d, started %s)",
-                           self.folder, pid, started)
+            logger.warning(
+                "output_dir %s: taking over the lock of a run that is gone (pid %d, started %s)",
+                self.folder,
+                pid,
+                started,
+            )
             self.path.unlink(missing_ok=True)
             return
         who = f"pid {pid} on {host}, started {started}" if pid is not None else f"an unreadable lock file {self.path}"

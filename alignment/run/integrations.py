@@ -57,11 +57,15 @@ def push_folder(folder: str | os.PathLike, repo_id: str, token: str | None = Non
         api = HfApi(token=token)
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, commit_message="alignment: final model",
+            folder_path=str(folder),
+            repo_id=repo_id,
+            commit_message="alignment: final model",
             ignore_patterns=["checkpoint-*", "*.tmp", "runs/*", "wandb/*", ".alignment.lock"],
         )
     except Exception as error:  # network, auth, quota: none of them may cost the local checkpoint
-        logger.warning("push to the Hub failed (%s); the model is kept in %s", first_line(error), Path(folder).resolve())
+        logger.warning(
+            "push to the Hub failed (%s); the model is kept in %s", first_line(error), Path(folder).resolve()
+        )
         return False
     logger.info("pushed %s to https://huggingface.co/%s", folder, repo_id)
     return True

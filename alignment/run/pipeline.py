@@ -1,11 +1,11 @@
 """What `scripts/run_sft.py` and `scripts/run_dpo.py` do, top to bottom, for one `Stage` (SFT or DPO):
 
-    parse the recipe              → model, data and training arguments, with this machine's defaults
-    prepare the run               → logging, seed, wandb, the Hub, the output folder (never overwritten by accident)
-    load the model and tokenizer  → checked against each other and against max_length
-    load the data                 → bad rows dropped and counted; a held-out split
-    build the trainer             → ours: TRL's loop with our log-probs, losses and safety
-    train, save, push             → weights, tokenizer, model code, resolved recipe, metrics, card, curves
+parse the recipe              → model, data and training arguments, with this machine's defaults
+prepare the run               → logging, seed, wandb, the Hub, the output folder (never overwritten by accident)
+load the model and tokenizer  → checked against each other and against max_length
+load the data                 → bad rows dropped and counted; a held-out split
+build the trainer             → ours: TRL's loop with our log-probs, losses and safety
+train, save, push             → weights, tokenizer, model code, resolved recipe, metrics, card, curves
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ class Stage:
 def sft_data(data_args: DataArguments, args: SFTConfig, tokenizer: Any) -> Any:
     """SFT text, or prompt/completion pairs with `completion_only_loss`."""
     return load_data(
-        load_sft_dataset, data_args.specs(), completion_only=bool(args.completion_only_loss), **split_settings(data_args, args)
+        load_sft_dataset,
+        data_args.specs(),
+        completion_only=bool(args.completion_only_loss),
+        **split_settings(data_args, args),
     )
 
 
@@ -80,15 +83,19 @@ def run(stage: Stage, argv: list[str]) -> Path:
         return train_stage(stage, model_args, data_args, args, wants_push)
 
 
-def train_stage(stage: Stage, model_args: ModelArguments, data_args: DataArguments, args: Any, wants_push: bool) -> Path:
+def train_stage(
+    stage: Stage, model_args: ModelArguments, data_args: DataArguments, args: Any, wants_push: bool
+) -> Path:
     """Everything after parsing, inside the folder lock: output folder, model, data, trainer, train, save, push."""
     resume = prepare_output(args)
     recipe = resolved_recipe(model_args, data_args, args)
     if resume is not None:  # the checkpoint continues the run it was saved in, not another one
         check_resume_recipe(resume, recipe, args.output_dir, args.allow_recipe_change)
     model, tokenizer = load_model_and_tokenizer(
-        model_args.model_name_or_path, tokenizer_name_or_path=model_args.tokenizer_name_or_path,
-        max_length=args.max_length, **model_loading(model_args, args.trust_remote_code),
+        model_args.model_name_or_path,
+        tokenizer_name_or_path=model_args.tokenizer_name_or_path,
+        max_length=args.max_length,
+        **model_loading(model_args, args.trust_remote_code),
     )
     check_lora_targets(model, model_args)
     data = stage.load_data(data_args, args, tokenizer)

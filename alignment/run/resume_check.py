@@ -41,7 +41,9 @@ def is_harmless(key: str) -> bool:
 
 
 def recipe_differences(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    return {key: (saved.get(key), new.get(key)) for key in sorted(set(saved) | set(new)) if saved.get(key) != new.get(key)}
+    return {
+        key: (saved.get(key), new.get(key)) for key in sorted(set(saved) | set(new)) if saved.get(key) != new.get(key)
+    }
 
 
 def shown(differences: dict[str, tuple[Any, Any]]) -> str:
@@ -52,8 +54,11 @@ def check_resume_recipe(checkpoint: str | Path, new: dict[str, Any], output_dir:
     """Compare the checkpoint's recipe with the resuming one (see the module docstring)."""
     path = Path(checkpoint) / RESOLVED_RECIPE
     if not path.is_file():
-        logger.warning("%s holds no %s (written by an older version?): the resumed settings cannot be compared",
-                       checkpoint, RESOLVED_RECIPE)
+        logger.warning(
+            "%s holds no %s (written by an older version?): the resumed settings cannot be compared",
+            checkpoint,
+            RESOLVED_RECIPE,
+        )
         return
     saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     differences = recipe_differences(saved, new)

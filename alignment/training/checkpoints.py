@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -196,10 +197,8 @@ def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool = False, 
         ) from None
     finally:
         for made in created:  # deepest first
-            try:
+            with contextlib.suppress(OSError):
                 made.rmdir()
-            except OSError:
-                pass
     if resuming:
         return
     saved = [p.name for p in checkpoint_folders(output_dir)[::-1]]
@@ -221,8 +220,9 @@ def clear_previous_run(output_dir: str | os.PathLike) -> None:
     output_dir = Path(output_dir)
     stale = checkpoint_folders(output_dir) + [p for p in output_dir.glob(f"{STAGING_PREFIX}*") if p.is_dir()]
     if stale:
-        logger.warning("overwrite_output_dir: removing %d checkpoint folders of the previous run in %s",
-                       len(stale), output_dir)
+        logger.warning(
+            "overwrite_output_dir: removing %d checkpoint folders of the previous run in %s", len(stale), output_dir
+        )
     for folder in stale:
         shutil.rmtree(folder)
 

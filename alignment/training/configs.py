@@ -31,13 +31,17 @@ class SFTConfig(trl.SFTConfig):
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start a new run in an output_dir that already holds one (its checkpoints are deleted "
-                  "once the new run has loaded its model and data)."},
+        metadata={
+            "help": "Start a new run in an output_dir that already holds one (its checkpoints are deleted "
+            "once the new run has loaded its model and data)."
+        },
     )
     allow_recipe_change: bool = field(
         default=False,
-        metadata={"help": "Resume a checkpoint with settings that change the result (data, batch, optimizer, ...); "
-                  "the changes are logged and recorded in recipe-changes.yaml."},
+        metadata={
+            "help": "Resume a checkpoint with settings that change the result (data, batch, optimizer, ...); "
+            "the changes are logged and recorded in recipe-changes.yaml."
+        },
     )
 
 
@@ -55,13 +59,17 @@ class DPOConfig(trl.DPOConfig):
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin γ."})
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start a new run in an output_dir that already holds one (its checkpoints are deleted "
-                  "once the new run has loaded its model and data)."},
+        metadata={
+            "help": "Start a new run in an output_dir that already holds one (its checkpoints are deleted "
+            "once the new run has loaded its model and data)."
+        },
     )
     allow_recipe_change: bool = field(
         default=False,
-        metadata={"help": "Resume a checkpoint with settings that change the result (data, batch, optimizer, ...); "
-                  "the changes are logged and recorded in recipe-changes.yaml."},
+        metadata={
+            "help": "Resume a checkpoint with settings that change the result (data, batch, optimizer, ...); "
+            "the changes are logged and recorded in recipe-changes.yaml."
+        },
     )
     ref_logps_cache_dir: str | None = field(
         default=None,

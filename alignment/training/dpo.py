@@ -24,16 +24,16 @@ import logging
 import torch
 import trl
 from accelerate.utils import is_peft_model
-from trl.models.utils import disable_gradient_checkpointing
 from datasets import Dataset
 from transformers import AutoProcessor
+from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 
 from ..modeling.tokenizer import ensure_pad_token
 from .configs import DPOConfig
-from .logprobs import IGNORE_INDEX, add_logprob_head
-from .losses import PreferenceLoss, ReplyLogps, preference_loss
 from .layouts import ScoredTokens, prefix_sharing_problem, score_batch
+from .logprobs import add_logprob_head
+from .losses import PreferenceLoss, ReplyLogps, preference_loss
 from .reference_cache import cache_path, load_reference_logps, save_reference_logps, token_ids_digest
 from .safety import SafeTrainingMixin
 from .shared_prefix import SharedPrefixPreferenceCollator
@@ -64,8 +64,17 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
     """TRL's DPO trainer; see the module docstring for what is ours, and `SafeTrainingMixin` for its safety."""
 
-    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *, peft_config=None, data_collator=None,
-                 processing_class=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: DPOConfig | None = None,
+        *,
+        peft_config=None,
+        data_collator=None,
+        processing_class=None,
+        **kwargs,
+    ):
         if args is None:
             raise ValueError("pass a DPOConfig (alignment.training.DPOConfig)")
         if isinstance(model, str):  # TRL's most common form: load it here, as TRL would, so the heads can go on
@@ -93,8 +102,15 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
             data_collator = SharedPrefixPreferenceCollator(ensure_pad_token(tokenizer).pad_token_id, args.max_length)
         init_kwargs, args.model_init_kwargs = args.model_init_kwargs, None  # used above: TRL would warn they are not
         try:
-            super().__init__(model, ref_model, args, peft_config=peft_config, data_collator=data_collator,
-                             processing_class=processing_class, **kwargs)
+            super().__init__(
+                model,
+                ref_model,
+                args,
+                peft_config=peft_config,
+                data_collator=data_collator,
+                processing_class=processing_class,
+                **kwargs,
+            )
         finally:
             args.model_init_kwargs = init_kwargs
         if getattr(self, "aux_loss_enabled", False):
@@ -120,7 +136,9 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
         stack.enter_context(disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs))
         if self.ref_model is None and is_peft_model(self.model):
             peft_model = self.accelerator.unwrap_model(self.model)
-            stack.enter_context(use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None))
+            stack.enter_context(
+                use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
+            )
         return stack
 
     def reference_logps(self, inputs, policy: ReplyLogps) -> ReplyLogps:
@@ -138,13 +156,18 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
         if not isinstance(dataset, Dataset):  # TRL's own checks first (it refuses to precompute an iterable dataset)
             return super()._precompute_ref_logps(dataset, name, batch_size)
         path = cache_path(
-            self.args.ref_logps_cache_dir, token_ids_digest(dataset), self._precompute_model_hash,
-            self.args.max_length, self.prefix_sharing,
+            self.args.ref_logps_cache_dir,
+            token_ids_digest(dataset),
+            self._precompute_model_hash,
+            self.args.max_length,
+            self.prefix_sharing,
         )
         if path.exists():
             logger.info("reference log-probs of the %s data read from %s", name, path)
             chosen, rejected = load_reference_logps(path)
-            return dataset.add_column("ref_chosen_logps", chosen.numpy()).add_column("ref_rejected_logps", rejected.numpy())
+            return dataset.add_column("ref_chosen_logps", chosen.numpy()).add_column(
+                "ref_rejected_logps", rejected.numpy()
+            )
         dataset = super()._precompute_ref_logps(dataset, name, batch_size)
         if self.accelerator.is_main_process:
             columns = dataset.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).with_format("torch")[:]

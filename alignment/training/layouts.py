@@ -99,9 +99,9 @@ def config_problem(config: Any, max_length: int | None) -> str | None:
         if others and others != ["sliding_attention"]:
             return f"its layers include {', '.join(map(repr, others))}, which do not follow a 4D attention mask"
     window = getattr(config, "sliding_window", None)
-    if isinstance(window, int) and getattr(config, "use_sliding_window", True) is not False:
-        if max_length is None or window < max_length:
-            return f"it attends through a sliding window of {window} tokens, which a 4D attention mask bypasses"
+    sliding = isinstance(window, int) and getattr(config, "use_sliding_window", True) is not False
+    if sliding and (max_length is None or window < max_length):
+        return f"it attends through a sliding window of {window} tokens, which a 4D attention mask bypasses"
     return None
 
 
@@ -125,7 +125,9 @@ def probe_problem(model: torch.nn.Module) -> str | None:
         )
     finally:
         model.train(was_training)
-    difference = max((shared.chosen - plain.chosen).abs().max().item(), (shared.rejected - plain.rejected).abs().max().item())
+    difference = max(
+        (shared.chosen - plain.chosen).abs().max().item(), (shared.rejected - plain.rejected).abs().max().item()
+    )
     dtype = next(model.parameters()).dtype
     if difference > PROBE_TOLERANCE.get(dtype, 5e-2):
         return f"a probe pair's reply log-probs differ by {difference:.2g} between the shared-prefix and TRL layouts"

@@ -197,8 +197,9 @@ def add_logprob_head(model: nn.Module) -> nn.Module:
     transform = HeadTransform.of(model.config)
 
     @functools.wraps(type(model).forward)
-    def forward(*args, token_logps: bool | str = False, labels=None, score_positions=None, score_targets=None,
-                **kwargs):
+    def forward(
+        *args, token_logps: bool | str = False, labels=None, score_positions=None, score_targets=None, **kwargs
+    ):
         if not token_logps:
             if labels is not None:
                 kwargs["labels"] = labels

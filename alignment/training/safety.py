@@ -120,8 +120,11 @@ class GracefulInterrupt(TrainerCallback):
 class NonFiniteLossGuard(TrainerCallback):
     """Check the losses of an optimizer step's micro-batches just before the step (one device sync per step)."""
 
-    def __init__(self, locate_rows: Callable[[dict[str, Any]], list[int]] | None = None,
-                 describe_rows: Callable[[list[int]], list[dict[str, Any]]] | None = None) -> None:
+    def __init__(
+        self,
+        locate_rows: Callable[[dict[str, Any]], list[int]] | None = None,
+        describe_rows: Callable[[list[int]], list[dict[str, Any]]] | None = None,
+    ) -> None:
         self.locate_rows = locate_rows
         self.describe_rows = describe_rows
         self._pending: list[tuple[torch.Tensor, dict[str, Any]]] = []

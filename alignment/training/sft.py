@@ -86,8 +86,12 @@ class SFTTrainer(SafeTrainingMixin, trl.SFTTrainer):
         if data_collator is None and wrapped:
             data_collator = PackedDocumentsCollator(tokenizer.eos_token_id, ensure_pad_token(tokenizer).pad_token_id)
         super().__init__(
-            model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-            processing_class=processing_class, **kwargs,
+            model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            **kwargs,
         )
         add_logprob_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         self.trl_loss_for = [
@@ -100,8 +104,10 @@ class SFTTrainer(SafeTrainingMixin, trl.SFTTrainer):
             if asked
         ]
         if self.trl_loss_for:
-            logger.warning("SFT loss: TRL's own computation (not this package's log-prob head), for %s",
-                           ", ".join(self.trl_loss_for))
+            logger.warning(
+                "SFT loss: TRL's own computation (not this package's log-prob head), for %s",
+                ", ".join(self.trl_loss_for),
+            )
 
     def _reject_skip_prepare_without_labels(self, datasets, data_collator) -> None:
         """TRL refuses mask columns without labels when preparation is skipped (training would use every token),
@@ -120,8 +126,9 @@ class SFTTrainer(SafeTrainingMixin, trl.SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.trl_loss_for:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}

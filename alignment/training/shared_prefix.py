@@ -64,9 +64,7 @@ class SharedPrefixPreferenceCollator:
     max_length: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pairs = [
-            truncate_pair(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"], self.max_length) for e in examples
-        ]
+        pairs = [truncate_pair(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"], self.max_length) for e in examples]
         lengths = [len(p) + len(c) + len(r) for p, c, r in pairs]
         rows = first_fit(lengths, max(lengths))
         width = max(sum(lengths[i] for i in row) for row in rows)
