@@ -1,4 +1,4 @@
-# One command sets everything up and runs: `make test` or `make demo`.
+# One command sets everything up and runs: `make test`, `make quality` or `make demo`.
 # Override TORCH_SPEC for another build, e.g. `make test TORCH_SPEC="torch==2.13.0 --index-url ..."`.
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= outputs/demo
 
-.PHONY: install test demo clean
+.PHONY: install test quality demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Lint and format check, as configured in pyproject.toml (`ruff format .` and `ruff check --fix .` repair most).
+quality: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
 demo: $(STAMP)
-	$(PY) scripts/demo.py --output_dir $(DEMO_DIR)
+	$(PY) examples/arithmetic/demo.py --output_dir $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -28,7 +28,8 @@ MODELS = {  # name -> GPT-2 config fields
 }
 DPO_SIDES = ("ours", "trl", "trl-precompute", "ours-precompute")
 SFT_SIDES = ("ours", "trl")
-WORDS = "the a to of and is in that it you for what can be this have with are not on your do as but they".split()
+# the words of generated pairs (a sentence, split, reads better than 25 quoted words)
+WORDS = "the a to of and is in that it you for what can be this have with are not on your do as but they".split()  # noqa: SIM905
 # Set for the side processes, before their fork server imports the Hugging Face libraries (which read them then).
 SIDE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 SIDE_PRELOAD = ("datasets", "transformers", "trl", "alignment.training")  # imported once by the fork server
@@ -72,12 +73,20 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
     for _ in range(n):
         prompt_words = min(int(rng.lognormvariate(4.1, 0.6)), 670)
         turns = max(1, prompt_words // 40)
-        prompt = "".join(
-            f"\n\nHuman: {text(prompt_words // (2 * turns))}\n\nAssistant: {text(prompt_words // (2 * turns))}"
-            for _ in range(turns - 1)
-        ) + f"\n\nHuman: {text(prompt_words // (2 * turns))}\n\nAssistant:"
-        rows.append({"prompt": prompt, "chosen": " " + text(int(rng.gauss(31, 12))),
-                     "rejected": " " + text(int(rng.gauss(39, 15)))})
+        prompt = (
+            "".join(
+                f"\n\nHuman: {text(prompt_words // (2 * turns))}\n\nAssistant: {text(prompt_words // (2 * turns))}"
+                for _ in range(turns - 1)
+            )
+            + f"\n\nHuman: {text(prompt_words // (2 * turns))}\n\nAssistant:"
+        )
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": " " + text(int(rng.gauss(31, 12))),
+                "rejected": " " + text(int(rng.gauss(39, 15))),
+            }
+        )
     return rows
 
 
@@ -139,10 +148,20 @@ def run_side(settings: dict[str, Any], side: str, weights: str, rows: list[dict[
     tokenizer = load_tokenizer("gpt2")
     total_steps = options.warmup + options.steps
     common = dict(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=options.batch_size, max_steps=total_steps,
-        max_length=options.max_length, learning_rate=1e-6, logging_steps=1, save_strategy="no", report_to="none",
-        gradient_checkpointing=False, bf16=options.dtype == "bf16", use_cpu=not torch.cuda.is_available(), seed=0,
-        dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=options.batch_size,
+        max_steps=total_steps,
+        max_length=options.max_length,
+        learning_rate=1e-6,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        gradient_checkpointing=False,
+        bf16=options.dtype == "bf16",
+        use_cpu=not torch.cuda.is_available(),
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
 
     class Clock(TrainerCallback):
@@ -163,13 +182,24 @@ def run_side(settings: dict[str, Any], side: str, weights: str, rows: list[dict[
         config_class, trainer_class = (DPOConfig, DPOTrainer) if ours else (trl.DPOConfig, trl.DPOTrainer)
         args = config_class(**common, precompute_ref_log_probs=precompute, beta=0.1)
         ref_model = None if precompute else frozen_copy(model)
-        trainer = trainer_class(model, ref_model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                                processing_class=tokenizer, callbacks=[clock])
+        trainer = trainer_class(
+            model,
+            ref_model,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[clock],
+        )
     else:
         config_class, trainer_class = (SFTConfig, SFTTrainer) if ours else (trl.SFTConfig, trl.SFTTrainer)
         args = config_class(**common, packing=True, packing_strategy="bfd")  # TRL's default, so batches are equal
-        trainer = trainer_class(model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                                processing_class=tokenizer, callbacks=[clock])
+        trainer = trainer_class(
+            model,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[clock],
+        )
     setup_seconds = time.perf_counter() - start
     batches = iter(trainer.get_train_dataloader())
     tokens = [_tokens_in(next(batches)) for _ in range(total_steps)] if options.task == "sft" else []
@@ -210,14 +240,31 @@ def compare(settings: Settings, sides: list[str] | None = None) -> dict[str, Any
     rows = training_rows(settings)
     results = []
     for side in sides or settings.sides:
-        run = run_in_child(run_side, asdict(settings), side, str(weights), rows, log_path=work / f"{side}.log",
-                           what=f"side {side}", preload=SIDE_PRELOAD)
+        run = run_in_child(
+            run_side,
+            asdict(settings),
+            side,
+            str(weights),
+            rows,
+            log_path=work / f"{side}.log",
+            what=f"side {side}",
+            preload=SIDE_PRELOAD,
+        )
         results.append(run.result)
         print(f"  {side}: done", file=sys.stderr)
-    return {"task": settings.task, "model": settings.model, "dtype": settings.dtype, "batch_size": settings.batch_size,
-            "max_length": settings.max_length, "steps": settings.steps, "warmup": settings.warmup,
-            "data": settings.data or "generated", "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "cpus": os.cpu_count(), "results": results}
+    return {
+        "task": settings.task,
+        "model": settings.model,
+        "dtype": settings.dtype,
+        "batch_size": settings.batch_size,
+        "max_length": settings.max_length,
+        "steps": settings.steps,
+        "warmup": settings.warmup,
+        "data": settings.data or "generated",
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpus": os.cpu_count(),
+        "results": results,
+    }
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -225,8 +272,10 @@ def print_table(report: dict[str, Any]) -> None:
     rate = "pairs_per_second" if report["task"] == "dpo" else "tokens_per_second"
     results = {r["side"]: r for r in report["results"]}
     base = results.get("trl")
-    print(f"\n{report['task'].upper()} · GPT-2 {report['model']} · {report['dtype']} · batch {report['batch_size']} · "
-          f"max_length {report['max_length']} · {report['steps']} timed steps · {report['device']}")
+    print(
+        f"\n{report['task'].upper()} · GPT-2 {report['model']} · {report['dtype']} · batch {report['batch_size']} · "
+        f"max_length {report['max_length']} · {report['steps']} timed steps · {report['device']}"
+    )
     print(f"{'side':<18}{rate.replace('_', ' '):>18}{'vs trl':>9}{'peak RSS GB':>13}{'vs trl':>9}  first losses")
     for side, r in results.items():
         speed = f"{r[rate] / base[rate]:.2f}x" if base else ""

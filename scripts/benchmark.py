@@ -47,8 +47,16 @@ def main(argv: list[str] | None = None) -> None:
     if options.warmup < 1 or options.steps < 1:
         parser.error("--warmup and --steps must be at least 1")
 
-    settings = Settings(task=options.task, model=options.model, dtype=options.dtype, batch_size=options.batch_size,
-                        max_length=options.max_length, warmup=options.warmup, steps=options.steps, data=options.data)
+    settings = Settings(
+        task=options.task,
+        model=options.model,
+        dtype=options.dtype,
+        batch_size=options.batch_size,
+        max_length=options.max_length,
+        warmup=options.warmup,
+        steps=options.steps,
+        data=options.data,
+    )
     try:
         report = compare(settings, options.sides.split(",") if options.sides else None)
     except ChildFailed as error:

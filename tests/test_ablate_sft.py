@@ -14,6 +14,7 @@ from alignment import AlignmentGPT2ForCausalLM
 from alignment.modeling.loading import load_model
 from alignment.run.arguments import DataArguments, ModelArguments
 from alignment.run.cli import run_cli
+from alignment.run.pipeline import model_loading
 from alignment.run.recipe import parse_recipe
 from alignment.training.configs import SFTConfig
 from examples.arithmetic import ablate_sft as ablate
@@ -25,8 +26,15 @@ ACCURACIES = (
     "greedy_correct_train_problems",
     "greedy_correct_held_out_problems",
 )
-RUN_FOLDERS = ("sft-0", "sft-50", "sft-100", "dpo-from-sft-0", "dpo-from-sft-50", "dpo-from-sft-100",
-               "dpo-lora-from-sft-100")
+RUN_FOLDERS = (
+    "sft-0",
+    "sft-50",
+    "sft-100",
+    "dpo-from-sft-0",
+    "dpo-from-sft-50",
+    "dpo-from-sft-100",
+    "dpo-lora-from-sft-100",
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +78,10 @@ def test_one_row_per_fraction_with_growing_sft_budgets(study):
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert cells[0] == label and cells[1] == str(row["sft_steps"])
         assert len(cells) == len(table[0].strip("|").split("|"))
-        assert cells[2] == f"{row['sft']['held_out_preference_accuracy']:.1%} → {row['dpo']['held_out_preference_accuracy']:.1%}"
+        assert (
+            cells[2]
+            == f"{row['sft']['held_out_preference_accuracy']:.1%} → {row['dpo']['held_out_preference_accuracy']:.1%}"
+        )
 
 
 @pytest.mark.slow
@@ -78,7 +89,7 @@ def test_zero_percent_run_had_no_sft(study):
     """The 0% start is exactly the random initialisation the SFT runs start from, and DPO started from it."""
     model_args, _, args = parse_recipe((ModelArguments, DataArguments, SFTConfig), [str(ablate.SFT_RECIPE)])
     set_seed(args.seed)
-    fresh = load_model(model_args).state_dict()
+    fresh = load_model(model_args.model_name_or_path, **model_loading(model_args, args.trust_remote_code)).state_dict()
     saved = weights(study / "sft-0")
     assert saved.keys() == fresh.keys()
     for name, tensor in fresh.items():

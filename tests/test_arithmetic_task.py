@@ -19,8 +19,8 @@ from examples.arithmetic.task import (
     prompts_dataset,
     sft_dataset,
     split_problems,
-    wrong_answers,
     write_task,
+    wrong_answers,
 )
 
 SMALL = {"n_sft": 500, "n_pairs": 300}
@@ -117,8 +117,18 @@ def test_wrong_answers_are_plausible_and_wrong():
 
 @pytest.mark.parametrize(
     ("reply", "expected"),
-    [(" 12", True), (" 12.", True), ("12 apples", True), (" 12\n\nHuman: What is 1 + 1?", True),
-     (" 13", False), (" 123", False), (" 1 2", False), ("", False), (" twelve", False), ("   ", False)],
+    [
+        (" 12", True),
+        (" 12.", True),
+        ("12 apples", True),
+        (" 12\n\nHuman: What is 1 + 1?", True),
+        (" 13", False),
+        (" 123", False),
+        (" 1 2", False),
+        ("", False),
+        (" twelve", False),
+        ("   ", False),
+    ],
 )
 def test_is_correct(reply, expected):
     assert is_correct(Problem(7, "+", 5).prompt, reply) is expected

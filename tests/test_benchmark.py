@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from alignment.data import split_hh_dialogue
+from alignment.run.measure import ChildFailed, run_in_child
 from benchmarks.trl_comparison import DPO_SIDES, SFT_SIDES, Settings, synthetic_pairs
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
@@ -28,13 +29,40 @@ def test_settings_pick_the_sides_and_refuse_no_timed_steps():
         Settings("dpo", steps=0)
 
 
+@pytest.mark.slow  # each child imports torch (the test preloads nothing)
+def test_a_child_reports_its_result_time_and_peak_memory_and_a_failed_one_its_log(tmp_path):
+    run = run_in_child(sorted, [3, 1, 2], log_path=tmp_path / "sorted.log")
+    assert run.result == [1, 2, 3] and run.seconds > 0 and run.peak_rss_mib > 0
+    assert run.log_path.is_file() and not (tmp_path / "sorted.log.stats.json").exists()
+    with pytest.raises(ChildFailed, match=r"(?s)int failed \(exit code 1\); its log, .*invalid literal") as failure:
+        run_in_child(int, "not a number", log_path=tmp_path / "int.log", what="int")
+    assert failure.value.exitcode == 1 and "ValueError" in failure.value.log_tail
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task, rate", [("dpo", "pairs_per_second"), ("sft", "tokens_per_second")])
 def test_benchmark_sides_agree(tmp_path, task, rate):
     out = tmp_path / "result.json"
     sides = "ours,trl,ours-precompute" if task == "dpo" else "ours,trl"
-    command = [sys.executable, str(SCRIPT), task, "--model", "tiny", "--batch_size", "2", "--max_length", "96",
-               "--warmup", "1", "--steps", "2", "--sides", sides, "--output_json", str(out)]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        task,
+        "--model",
+        "tiny",
+        "--batch_size",
+        "2",
+        "--max_length",
+        "96",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--sides",
+        sides,
+        "--output_json",
+        str(out),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -8,7 +8,9 @@ from alignment.run.arguments import DataArguments, ModelArguments
 from alignment.run.recipe import parse_recipe
 from alignment.training.configs import DPOConfig, SFTConfig
 
-RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").rglob("*.yaml"))
+REPO = Path(__file__).resolve().parent.parent
+DEMO_RECIPES = sorted((REPO / "examples" / "arithmetic" / "recipes").glob("*.yaml"))
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml")) + DEMO_RECIPES
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -16,15 +18,17 @@ def test_recipe_parses(path):
     training_class = SFTConfig if "sft" in path.name else DPOConfig
     model_args, data_args, args = parse_recipe((ModelArguments, DataArguments, training_class), [str(path)])
     assert args.output_dir and data_args.specs()
-    if path.parent.name != "demo":  # the real recipes: GPT-2 on HH-RLHF, effective batch 64, the Hub and wandb
+    demo = path in DEMO_RECIPES
+    if not demo:  # the real recipes: GPT-2 on HH-RLHF, effective batch 64, the Hub and wandb
         assert data_args.dataset_name == "Anthropic/hh-rlhf"
         assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 64
         assert args.report_to == ["wandb"] and args.push_to_hub and args.hub_model_id
         assert model_args.use_peft == ("lora" in path.name)
-    if training_class is DPOConfig and path.parent.name != "demo":
+    if training_class is DPOConfig and not demo:
         assert args.beta == 0.1 and args.learning_rate <= 5e-6
 
 
 def test_both_stages_and_lora_variants_are_shipped():
     names = {p.name for p in RECIPES}
     assert {"gpt2_hh_sft.yaml", "gpt2_hh.yaml", "gpt2_hh_sft_lora.yaml", "gpt2_hh_lora.yaml"} <= names
+    assert {p.name for p in DEMO_RECIPES} == {"arithmetic_sft.yaml", "arithmetic_dpo.yaml"}

@@ -1,7 +1,8 @@
 """How much SFT does DPO need? SFT for a share of its budget, DPO from each, then the demo's evaluation; and the DPO
 step with full fine-tuning against LoRA.
 
-    python examples/arithmetic/ablate_sft.py [--fractions 0,0.5,1] [--output_dir outputs/ablation] [--skip_lora] [--quick]
+    python examples/arithmetic/ablate_sft.py [--fractions 0,0.5,1] [--output_dir outputs/ablation] [--skip_lora]
+                                             [--quick]
 
 On the offline demo task (`demo.py` beside it: a tiny GPT-2 from random weights, single-digit arithmetic, noisy SFT
 data, (correct, wrong) preference pairs, 60 held-out problems), with the demo's recipes:
@@ -16,9 +17,10 @@ data, (correct, wrong) preference pairs, 60 held-out problems), with the demo's 
   the DPO step from the 100% SFT model: the same numbers, trainable parameters, peak memory (the peak resident set
   size of the run's own process) and time.
 
-Every training run has its own process and folder (`sft-<percent>`, `dpo-from-sft-<percent>`,
-`dpo-lora-from-sft-100`, each with train.log; a second study into the same folder replaces them). The results: results.json and results.md (the SFT-budget table),
-sft_fraction.png, and lora.json and lora.md. `--quick` trains a few steps only (for tests; its numbers mean nothing).
+Every training run has its own process (`alignment.run.measure`) and folder (`sft-<percent>`,
+`dpo-from-sft-<percent>`, `dpo-lora-from-sft-100`, each with train.log; a second study into the same folder replaces
+them). The results: results.json and results.md (the SFT-budget table), sft_fraction.png, and lora.json and lora.md.
+`--quick` trains a few steps only (for tests; its numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ METRICS = (  # key, label; the same keys as the demo's results.json
 
 
 def parse_fractions(text: str) -> list[float]:
-    """"0,0.5,1" -> [0.0, 0.5, 1.0] (sorted, each once); argparse turns the error into its usage message."""
+    """ "0,0.5,1" -> [0.0, 0.5, 1.0] (sorted, each once); argparse turns the error into its usage message."""
     message = f"--fractions takes comma-separated numbers in [0, 1], e.g. 0,0.5,1; got {text!r}"
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
@@ -94,15 +96,23 @@ def dpo_name(fraction: float, lora: bool = False) -> str:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fractions", type=parse_fractions, default=[0.0, 0.5, 1.0],
-                        help="shares of the SFT budget, comma-separated (default 0,0.5,1)")
+    parser.add_argument(
+        "--fractions",
+        type=parse_fractions,
+        default=[0.0, 0.5, 1.0],
+        help="shares of the SFT budget, comma-separated (default 0,0.5,1)",
+    )
     parser.add_argument("--output_dir", default="outputs/ablation")
     parser.add_argument("--skip_lora", action="store_true", help="leave out the full fine-tuning vs LoRA comparison")
     parser.add_argument("--lora_learning_rate", type=float, default=LORA_LEARNING_RATE)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per run and for the evaluation; default torch's own (one per core), as "
-                        "`make demo`, whose numbers the 100%% row then repeats exactly. On a busy machine 1 can be "
-                        "much faster, but changes the float sums, so the numbers differ a little")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per run and for the evaluation; default torch's own (one per core), as "
+        "`make demo`, whose numbers the 100%% row then repeats exactly. On a busy machine 1 can be "
+        "much faster, but changes the float sums, so the numbers differ a little",
+    )
     parser.add_argument("--quick", action="store_true", help="a few training steps only (for tests)")
     options = parser.parse_args(argv)
     if options.threads is not None and options.threads < 1:
@@ -136,8 +146,11 @@ def study(options: argparse.Namespace) -> None:
             shutil.rmtree(out / name)
         stats = run_stage(stage, argv, out / name, threads=options.threads)
         runs[name] = stats
-        print(f"{name:<26} {stats.global_step:>5} steps {stats.wall_seconds:>7.1f} s   peak RSS "
-              f"{stats.peak_rss_mib:>6.0f} MiB", flush=True)
+        print(
+            f"{name:<26} {stats.global_step:>5} steps {stats.wall_seconds:>7.1f} s   peak RSS "
+            f"{stats.peak_rss_mib:>6.0f} MiB",
+            flush=True,
+        )
 
     sft_fractions = sorted(set(options.fractions) | ({1.0} if lora else set()))
     for fraction in sft_fractions:
@@ -146,10 +159,18 @@ def study(options: argparse.Namespace) -> None:
         train("dpo", dpo_name(fraction), [*dpo_argv, f"--model_name_or_path={out / sft_name(fraction)}"])
     if lora:
         lora_argv = [f"--{key}={value}" for key, value in LORA.items()]
-        train("dpo", dpo_name(1.0, lora=True), [
-            *dpo_argv, f"--model_name_or_path={out / sft_name(1.0)}", "--use_peft=true", *lora_argv,
-            f"--learning_rate={options.lora_learning_rate:g}", "--merge_adapter_on_save=true",
-        ])
+        train(
+            "dpo",
+            dpo_name(1.0, lora=True),
+            [
+                *dpo_argv,
+                f"--model_name_or_path={out / sft_name(1.0)}",
+                "--use_peft=true",
+                *lora_argv,
+                f"--learning_rate={options.lora_learning_rate:g}",
+                "--merge_adapter_on_save=true",
+            ],
+        )
     training_seconds = time.time() - start
 
     # --- evaluation, as the demo's
@@ -176,18 +197,22 @@ def study(options: argparse.Namespace) -> None:
     rows = []
     for fraction in options.fractions:
         sft, dpo = sft_name(fraction), dpo_name(fraction)
-        rows.append({
-            "sft_fraction": fraction,
-            "sft_epochs": round(fraction * full_epochs, 6),
-            "sft_steps": runs[sft].global_step,
-            "sft": scores(sft, None),
-            "dpo": scores(dpo, sft),
-            "runs": {"sft": runs[sft].as_dict(), "dpo": runs[dpo].as_dict()},
-        })
+        rows.append(
+            {
+                "sft_fraction": fraction,
+                "sft_epochs": round(fraction * full_epochs, 6),
+                "sft_steps": runs[sft].global_step,
+                "sft": scores(sft, None),
+                "dpo": scores(dpo, sft),
+                "runs": {"sft": runs[sft].as_dict(), "dpo": runs[dpo].as_dict()},
+            }
+        )
     results = {
         "task": "offline demo: tiny GPT-2 (random init), single-digit arithmetic; demo recipes, seed 0",
         "settings": {
-            "fractions": options.fractions, "full_sft_epochs": full_epochs, "quick": options.quick,
+            "fractions": options.fractions,
+            "full_sft_epochs": full_epochs,
+            "quick": options.quick,
             "torch_threads": options.threads,
             "sft_recipe": str(SFT_RECIPE.relative_to(REPO)),
             "dpo_recipe": str(DPO_RECIPE.relative_to(REPO)),
@@ -204,11 +229,20 @@ def study(options: argparse.Namespace) -> None:
             "task": "DPO from the 100% SFT model with the demo's DPO recipe",
             "idle_worker_peak_rss_mib": idle,
             "runs": [
-                {"method": "full fine-tuning", "learning_rate": dpo_recipe["learning_rate"],
-                 "trainable_parameters": total, **scores(full_name, sft_name(1.0)), **runs[full_name].as_dict()},
-                {"method": f"LoRA r={LORA['lora_r']}, alpha={LORA['lora_alpha']}",
-                 "learning_rate": options.lora_learning_rate, "trainable_parameters": trainable_parameters(out / lora_name),
-                 **scores(lora_name, sft_name(1.0)), **runs[lora_name].as_dict()},
+                {
+                    "method": "full fine-tuning",
+                    "learning_rate": dpo_recipe["learning_rate"],
+                    "trainable_parameters": total,
+                    **scores(full_name, sft_name(1.0)),
+                    **runs[full_name].as_dict(),
+                },
+                {
+                    "method": f"LoRA r={LORA['lora_r']}, alpha={LORA['lora_alpha']}",
+                    "learning_rate": options.lora_learning_rate,
+                    "trainable_parameters": trainable_parameters(out / lora_name),
+                    **scores(lora_name, sft_name(1.0)),
+                    **runs[lora_name].as_dict(),
+                },
             ],
             "total_parameters": total,
         }
@@ -268,12 +302,21 @@ def lora_table(comparison: dict[str, Any]) -> str:
     ]
     for run in comparison["runs"]:
         train = "" if run["train_seconds"] is None else f"{run['train_seconds']:.0f} s"
-        lines.append("| " + " | ".join([
-            run["method"].replace("alpha", "α"), f"{run['learning_rate']:g}",
-            f"{run['trainable_parameters']:,} ({run['trainable_parameters'] / total:.2%})",
-            *(_pct(run[key]) for key, _ in METRICS),
-            f"{run['peak_rss_mib']:.0f} MiB (+{run['peak_rss_mib'] - idle:.0f})", train, f"{run['wall_seconds']:.0f} s",
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    run["method"].replace("alpha", "α"),
+                    f"{run['learning_rate']:g}",
+                    f"{run['trainable_parameters']:,} ({run['trainable_parameters'] / total:.2%})",
+                    *(_pct(run[key]) for key, _ in METRICS),
+                    f"{run['peak_rss_mib']:.0f} MiB (+{run['peak_rss_mib'] - idle:.0f})",
+                    train,
+                    f"{run['wall_seconds']:.0f} s",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -294,21 +337,42 @@ def plot_fractions(results: dict[str, Any], path: Path) -> Path:
 
     for model in ("sft", "dpo"):
         style = dict(color=colors[model], linestyle="--" if model == "sft" else "-", linewidth=2, markersize=7)
-        preference.plot(x, [row[model]["held_out_preference_accuracy"] for row in rows], marker="o",
-                        label=names[model], **style)
-        greedy.plot(x, [row[model]["greedy_correct_held_out_problems"] for row in rows], marker="o",
-                    label=f"{names[model]}, held-out problems", **style)
-        greedy.plot(x, [row[model]["greedy_correct_train_problems"] for row in rows], marker="s", alpha=0.45,
-                    label=f"{names[model]}, training problems", **style)
-    preference.plot(x, [row["dpo"]["held_out_reward_accuracy_vs_sft"] for row in rows], marker="^",
-                    color="tab:purple", linestyle=":", linewidth=2, markersize=7,
-                    label="after DPO, implicit reward vs its start")
+        preference.plot(
+            x, [row[model]["held_out_preference_accuracy"] for row in rows], marker="o", label=names[model], **style
+        )
+        greedy.plot(
+            x,
+            [row[model]["greedy_correct_held_out_problems"] for row in rows],
+            marker="o",
+            label=f"{names[model]}, held-out problems",
+            **style,
+        )
+        greedy.plot(
+            x,
+            [row[model]["greedy_correct_train_problems"] for row in rows],
+            marker="s",
+            alpha=0.45,
+            label=f"{names[model]}, training problems",
+            **style,
+        )
+    preference.plot(
+        x,
+        [row["dpo"]["held_out_reward_accuracy_vs_sft"] for row in rows],
+        marker="^",
+        color="tab:purple",
+        linestyle=":",
+        linewidth=2,
+        markersize=7,
+        label="after DPO, implicit reward vs its start",
+    )
     preference.axhline(0.5, color="0.5", linewidth=0.9, linestyle=":", label="chance")
 
     for ax, title in ((preference, "Held-out preference accuracy"), (greedy, "Correct greedy answers")):
         ax.set_title(title)
         epochs = results["settings"]["full_sft_epochs"]
-        ax.set_xlabel(f"SFT budget (share of {epochs:g} SFT epochs{', --quick' if results['settings']['quick'] else ''})")
+        ax.set_xlabel(
+            f"SFT budget (share of {epochs:g} SFT epochs{', --quick' if results['settings']['quick'] else ''})"
+        )
         ax.set_xticks(x)
         ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))

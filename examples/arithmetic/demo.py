@@ -40,12 +40,23 @@ def main(argv: list[str]) -> None:
 
     files = arithmetic.write_task(out / "data")
     fresh = "--overwrite_output_dir=true"  # the demo always starts over
-    run_sft([str(RECIPES / "arithmetic_sft.yaml"), f"--dataset_name={files['sft_train']}", f"--output_dir={out / 'sft'}",
-             fresh])
-    run_dpo([
-        str(RECIPES / "arithmetic_dpo.yaml"), f"--model_name_or_path={out / 'sft'}",
-        f"--dataset_name={files['dpo_train']}", f"--output_dir={out / 'dpo'}", fresh,
-    ])
+    run_sft(
+        [
+            str(RECIPES / "arithmetic_sft.yaml"),
+            f"--dataset_name={files['sft_train']}",
+            f"--output_dir={out / 'sft'}",
+            fresh,
+        ]
+    )
+    run_dpo(
+        [
+            str(RECIPES / "arithmetic_dpo.yaml"),
+            f"--model_name_or_path={out / 'sft'}",
+            f"--dataset_name={files['dpo_train']}",
+            f"--output_dir={out / 'dpo'}",
+            fresh,
+        ]
+    )
     train_seconds = time.time() - start
 
     tokenizer = load_tokenizer(str(out / "sft"))
@@ -75,8 +86,10 @@ def print_report(results: dict, samples: dict, out: Path) -> None:
     print("-" * 72)
     for label, key in rows:
         print(f"{label:<52}{results['sft'][key]:>9.1%}{results['dpo'][key]:>9.1%}")
-    print(f"{'DPO implicit-reward accuracy vs SFT, held-out pairs':<52}{'':>9}"
-          f"{results['dpo']['held_out_reward_accuracy_vs_sft']:>9.1%}")
+    print(
+        f"{'DPO implicit-reward accuracy vs SFT, held-out pairs':<52}{'':>9}"
+        f"{results['dpo']['held_out_reward_accuracy_vs_sft']:>9.1%}"
+    )
     print("-" * 72)
     for sft_sample, dpo_sample in list(zip(samples["sft"], samples["dpo"]))[:5]:
         question = sft_sample["prompt"].strip().splitlines()[0].removeprefix("Human: ")

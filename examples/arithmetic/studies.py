@@ -106,7 +106,9 @@ def _train(stage: str, argv: list[str]) -> None:
     STAGES[stage](list(argv))
 
 
-def run_stage(stage: str, argv: Sequence[str], output_dir: str | os.PathLike, *, threads: int | None = None) -> RunStats:
+def run_stage(
+    stage: str, argv: Sequence[str], output_dir: str | os.PathLike, *, threads: int | None = None
+) -> RunStats:
     """`run_sft` or `run_dpo` (by `stage`) with `argv` (recipe path and `--key=value` overrides) into `output_dir`,
     in a worker process; its output goes to `<output_dir>/train.log`. `threads`: torch's intra-op threads in the
     worker (default: torch's own choice, one per core). A failed run raises with the log's last lines."""
@@ -114,8 +116,15 @@ def run_stage(stage: str, argv: Sequence[str], output_dir: str | os.PathLike, *,
         raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage!r}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    run = run_in_child(_train, stage, [*argv, f"--output_dir={output_dir}"], log_path=output_dir / "train.log",
-                       what=f"the {stage} run", threads=threads, preload=WORKER_PRELOAD)
+    run = run_in_child(
+        _train,
+        stage,
+        [*argv, f"--output_dir={output_dir}"],
+        log_path=output_dir / "train.log",
+        what=f"the {stage} run",
+        threads=threads,
+        preload=WORKER_PRELOAD,
+    )
     train_seconds = global_step = None
     if (output_dir / "train_results.json").is_file():
         train_seconds = json.loads((output_dir / "train_results.json").read_text()).get("train_runtime")
@@ -142,7 +151,8 @@ def trainable_parameters(run_dir: str | os.PathLike) -> int:
         from safetensors import safe_open
 
         with safe_open(str(adapter), framework="pt") as f:
-            return sum(_numel(f.get_slice(name).get_shape()) for name in f.keys())
+            names = f.keys()  # a safe_open file has keys() but no iteration
+            return sum(_numel(f.get_slice(name).get_shape()) for name in names)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(run_dir)
