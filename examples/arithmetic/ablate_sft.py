@@ -154,7 +154,8 @@ def study(options: argparse.Namespace) -> None:
 
     sft_fractions = sorted(set(options.fractions) | ({1.0} if lora else set()))
     for fraction in sft_fractions:
-        train("sft", sft_name(fraction), [*sft_argv, f"--num_train_epochs={fraction * full_epochs:.6g}"])
+        stage = "sft" if fraction > 0 else "start"  # 0%: the starting model itself, saved as a 0-step run
+        train(stage, sft_name(fraction), [*sft_argv, f"--num_train_epochs={fraction * full_epochs:.6g}"])
     for fraction in sft_fractions:
         train("dpo", dpo_name(fraction), [*dpo_argv, f"--model_name_or_path={out / sft_name(fraction)}"])
     if lora:

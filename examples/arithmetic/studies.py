@@ -18,9 +18,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import set_seed
+
 from alignment.evaluation import generate, preference_scores
+from alignment.modeling.loading import load_model_and_tokenizer
+from alignment.run.arguments import DataArguments, ModelArguments
 from alignment.run.measure import idle_child_peak_rss_mib, run_in_child
-from alignment.run.pipeline import run_dpo, run_sft
+from alignment.run.pipeline import model_loading, run_dpo, run_sft
+from alignment.run.recipe import parse_recipe, save_resolved_recipe
+from alignment.training import SFTConfig
 
 from . import task as arithmetic
 
@@ -34,7 +40,7 @@ __all__ = [
     "trainable_parameters",
 ]
 
-STAGES = {"sft": run_sft, "dpo": run_dpo}
+STAGES = {"sft": run_sft, "dpo": run_dpo, "start": lambda argv: save_starting_model(argv)}
 WORKER_PRELOAD = (__name__, "peft")  # what the worker server imports once: this module (torch, transformers, TRL), peft
 
 
@@ -99,6 +105,23 @@ class RunStats:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def save_starting_model(argv: list[str]) -> Path:
+    """The model an SFT run would start from (same seed, same loading), saved as a run folder that trained 0 steps:
+    the 0% point of the SFT-budget study. It is built here because the pipeline refuses to "train" zero steps."""
+    model_args, data_args, args = parse_recipe((ModelArguments, DataArguments, SFTConfig), list(argv))
+    set_seed(args.seed)  # as the pipeline does before it loads the model
+    model, tokenizer = load_model_and_tokenizer(
+        model_args.model_name_or_path, tokenizer_name_or_path=model_args.tokenizer_name_or_path,
+        max_length=args.max_length, **model_loading(model_args, args.trust_remote_code),
+    )  # fmt: skip
+    output_dir = Path(args.output_dir)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    save_resolved_recipe(output_dir, model_args, data_args, args)
+    (output_dir / "trainer_state.json").write_text(json.dumps({"global_step": 0, "log_history": []}))
+    return output_dir
 
 
 def _train(stage: str, argv: list[str]) -> None:
