@@ -98,3 +98,17 @@ def test_sigterm_saves_a_checkpoint_through_the_class_alone(stage, tmp_path, gpt
     assert f"training stopped at step 2; checkpoint saved in {checkpoint}" in str(stopped.value)
     assert incomplete_reason(checkpoint) is None and trainer.state.global_step == 2
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_the_token_count_continues_after_a_resume(stage, tmp_path, gpt2_tokenizer):
+    def logged_tokens(trainer):
+        return [(e["step"], e["num_tokens"]) for e in trainer.state.log_history if "num_tokens" in e]
+
+    whole = build(stage, tmp_path / "whole", gpt2_tokenizer, save_strategy="steps", save_steps=2)
+    whole.train()
+    resumed = build(stage, tmp_path / "whole", gpt2_tokenizer, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / stage / "checkpoint-2"))
+    expected = dict(logged_tokens(whole))
+    got = dict(logged_tokens(resumed))
+    assert got[4] == expected[4] and got[4] > expected[2] > 0, (got, expected)

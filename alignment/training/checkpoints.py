@@ -37,6 +37,7 @@ WEIGHT_FILES = (
     "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin",
 )  # fmt: skip
 WEIGHT_PREFIXES = ("pytorch_model_fsdp", "global_step")
+COUNTERS_FILE = "alignment_counters.json"  # running totals the Trainer's own state does not keep
 OPTIMIZER_PREFIX = "optimizer"  # optimizer.pt, or FSDP's optimizer_0/
 SCHEDULER_FILE = "scheduler.pt"
 RNG_STATE = re.compile(r"rng_state(_\d+)?\.pth")  # one per process
@@ -301,6 +302,8 @@ class AtomicCheckpointsMixin:
             staged = staging / name
             for file_name, text in (self.checkpoint_files or {}).items():
                 (staged / file_name).write_text(text, encoding="utf-8")
+            counters = {"num_tokens": getattr(self, "_total_train_tokens", None)}  # TRL's running total
+            (staged / COUNTERS_FILE).write_text(json.dumps(counters), encoding="utf-8")
             if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
                 self.state.best_model_checkpoint = str(final)
                 self.state.save_to_json(str(staged / TRAINER_STATE))

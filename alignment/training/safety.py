@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
-from .checkpoints import AtomicCheckpointsMixin, last_complete_checkpoint
+from .checkpoints import COUNTERS_FILE, AtomicCheckpointsMixin, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -260,9 +261,10 @@ class SafeTrainingMixin(AtomicCheckpointsMixin):
         self.interrupt = GracefulInterrupt()
         self.add_callback(self.interrupt)
 
-    def train(self, *args: Any, **kwargs: Any):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        self._restore_counters(resume_from_checkpoint)
         try:
-            result = super().train(*args, **kwargs)
+            result = super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             if self.interrupt is not None:
                 self.interrupt.restore()  # on_train_end does it too, but not when training failed
@@ -275,6 +277,18 @@ class SafeTrainingMixin(AtomicCheckpointsMixin):
                 exit_code=self.interrupt.exit_code,
             )
         return result
+
+    def _restore_counters(self, resume_from_checkpoint: str | bool | None) -> None:
+        """A resumed run's logged `num_tokens` continues from the checkpoint's instead of restarting at 0."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        if not resume_from_checkpoint:
+            return
+        path = Path(resume_from_checkpoint) / COUNTERS_FILE
+        if path.is_file() and hasattr(self, "_total_train_tokens"):
+            saved = json.loads(path.read_text(encoding="utf-8")).get("num_tokens")
+            if saved is not None:
+                self._total_train_tokens = saved
 
     # --- carrying `source_row` from the dataset to the loss check --------------------------------------------------
 
