@@ -14,21 +14,9 @@ from .losses import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 
 
 @dataclass
-class SFTConfig(trl.SFTConfig):
-    """TRL's SFT config with the assignment's defaults: fixed-length windows cut from EOS-separated dialogues.
+class RunFolderOptions:
+    """What a run may do to the output folder it finds: the fields both configs share (see `alignment.run`)."""
 
-    With `packing_strategy: wrapped` our collator restarts positions after every end-of-text token, so the
-    documents sharing a window never attend to each other (`alignment.training.sft.PackedDocumentsCollator`).
-    """
-
-    packing: bool = field(default=True, metadata={"help": "Pack documents into rows of `max_length` tokens."})
-    packing_strategy: str = field(
-        default="wrapped",
-        metadata={
-            "help": "'wrapped': concatenate and cut into fixed-length windows (the assignment); 'bfd': whole "
-            "documents packed best-fit.",
-        },
-    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -46,7 +34,25 @@ class SFTConfig(trl.SFTConfig):
 
 
 @dataclass
-class DPOConfig(trl.DPOConfig):
+class SFTConfig(RunFolderOptions, trl.SFTConfig):
+    """TRL's SFT config with the assignment's defaults: fixed-length windows cut from EOS-separated dialogues.
+
+    With `packing_strategy: wrapped` our collator restarts positions after every end-of-text token, so the
+    documents sharing a window never attend to each other (`alignment.training.sft.PackedDocumentsCollator`).
+    """
+
+    packing: bool = field(default=True, metadata={"help": "Pack documents into rows of `max_length` tokens."})
+    packing_strategy: str = field(
+        default="wrapped",
+        metadata={
+            "help": "'wrapped': concatenate and cut into fixed-length windows (the assignment); 'bfd': whole "
+            "documents packed best-fit.",
+        },
+    )
+
+
+@dataclass
+class DPOConfig(RunFolderOptions, trl.DPOConfig):
     """TRL's DPO config; the losses are ours (`alignment.training.losses`)."""
 
     loss_type: list[str] = field(
@@ -57,20 +63,6 @@ class DPOConfig(trl.DPOConfig):
         default=None, metadata={"help": "RPO: add this weight × the NLL of the chosen replies to the loss."}
     )
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin γ."})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Start a new run in an output_dir that already holds one (its checkpoints are deleted "
-            "once the new run has loaded its model and data)."
-        },
-    )
-    allow_recipe_change: bool = field(
-        default=False,
-        metadata={
-            "help": "Resume a checkpoint with settings that change the result (data, batch, optimizer, ...); "
-            "the changes are logged and recorded in recipe-changes.yaml."
-        },
-    )
     ref_logps_cache_dir: str | None = field(
         default=None,
         metadata={
