@@ -26,6 +26,8 @@ def config(tmp_path, **overrides):
         bf16=False,
         seed=0,
         max_length=24,
+        packing=True,  # the assignment's windows, as our SFT recipes set them
+        packing_strategy="wrapped",
     )
     return SFTConfig(**{**settings, **overrides})
 

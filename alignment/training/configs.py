@@ -35,18 +35,20 @@ class RunFolderOptions:
 
 @dataclass
 class SFTConfig(RunFolderOptions, trl.SFTConfig):
-    """TRL's SFT config with the assignment's defaults: fixed-length windows cut from EOS-separated dialogues.
+    """TRL's SFT config, with TRL's defaults: swapping `trl.SFTConfig` for this one changes no row, step or
+    checkpoint name.
 
-    With `packing_strategy: wrapped` our collator restarts positions after every end-of-text token, so the
-    documents sharing a window never attend to each other (`alignment.training.sft.PackedDocumentsCollator`).
+    The assignment's fixed-length windows cut from EOS-separated dialogues are a recipe choice (`packing: true`,
+    `packing_strategy: wrapped` in `recipes/gpt2_hh_sft.yaml`). With `wrapped` our collator restarts positions after
+    every end-of-text token, so the documents sharing a window never attend to each other
+    (`alignment.training.sft.PackedDocumentsCollator`).
     """
 
-    packing: bool = field(default=True, metadata={"help": "Pack documents into rows of `max_length` tokens."})
     packing_strategy: str = field(
-        default="wrapped",
+        default="bfd",
         metadata={
-            "help": "'wrapped': concatenate and cut into fixed-length windows (the assignment); 'bfd': whole "
-            "documents packed best-fit.",
+            "help": "With packing: 'bfd' packs whole documents best-fit (TRL's default), 'bfd_split' splits the "
+            "overflow, 'wrapped' concatenates and cuts fixed-length windows (the assignment's recipes).",
         },
     )
 
