@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 from alignment.run.cli import run_cli
@@ -82,11 +83,13 @@ def env(tmp_path_factory):
         "broken_json": str(data / "broken.jsonl"),
         "latin1": str(data / "latin1.jsonl"),
         "txt": str(data / "notes.txt"),
+        "fake_parquet": str(data / "rows.parquet"),
     }
     Path(files["empty"]).write_text("")
     Path(files["broken_json"]).write_text('{"prompt": "a", "chosen": "b"\n', encoding="utf-8")
     Path(files["latin1"]).write_bytes(json.dumps(pair(0)).replace("What", "Qu\u00e9").encode("latin-1") + b"\n")
     Path(files["txt"]).write_text("hello\n")
+    Path(files["fake_parquet"]).write_text('{"text": "a JSON line, not parquet"}\n')
 
     models = root / "models"
     BertForMaskedLM(
@@ -100,6 +103,16 @@ def env(tmp_path_factory):
     GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
         models / "gpt2-vocab97"
     )
+    truncated = models / "truncated"
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
+        truncated
+    )
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    diverged = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=16, n_layer=1, n_head=2))
+    with torch.no_grad():
+        diverged.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    diverged.save_pretrained(models / "diverged")
     (models / "no-config").mkdir()
     (models / "weights.safetensors").write_bytes(b"not a folder")
     (root / "a-file").write_text("")
@@ -197,6 +210,13 @@ CASES = {
     ),
     "non-UTF-8 text": ("dpo", {"dataset_name": "{latin1}"}, [], ["latin1.jsonl is not valid UTF-8", "re-encode"]),
     "unsupported data file type": ("sft", {"dataset_name": "{txt}"}, [], ["notes.txt: unsupported file type"]),
+    "a .parquet file that is not parquet": ("sft", {"dataset_name": "{fake_parquet}"}, [], ["rows.parquet", "parquet"]),
+    "DPO max_length too small for any prompt": (
+        "dpo",
+        {"max_length": 4},
+        [],
+        ["all 8 rows were dropped", "no prompt fits in 3 tokens", "raise max_length"],
+    ),
     "mixture fraction out of range": (
         "sft",
         {"datasets": [{"path": "{sft}", "fraction": 1.5}]},
@@ -233,6 +253,18 @@ CASES = {
         {"model_name_or_path": "{root}/models/no-config"},
         [],
         ["folder without a config.json"],
+    ),
+    "a truncated model.safetensors": (
+        "sft",
+        {"model_name_or_path": "{root}/models/truncated"},
+        [],
+        ["models/truncated/model.safetensors is truncated", "damaged"],
+    ),
+    "a checkpoint with NaN weights": (
+        "dpo",
+        {"model_name_or_path": "{root}/models/diverged"},
+        [],
+        ["models/diverged", "transformer.h.0.mlp.c_fc.weight holds NaN or infinite values", "earlier one"],
     ),
     "a BERT checkpoint": (
         "sft",

@@ -85,7 +85,8 @@ def free_port() -> int:
 
 def write_inputs(tmp_path: Path) -> tuple[Path, Path]:
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in preference_rows(PAIRS)), encoding="utf-8")
+    rows = preference_rows(PAIRS) + [{"prompt": "Human: hi", "chosen": " same", "rejected": " same"}]  # dropped
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     recipe = {
         "model_config": "gpt2",  # vocab stays 50257, GPT-2's tokenizer
         "model_config_overrides": {"n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 64},
@@ -132,6 +133,9 @@ def test_dpo_on_two_cpu_processes_keeps_the_ranks_in_step(tmp_path, gpt2_tokeniz
     }
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, f"launch failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+
+    # every rank filters the same rows; only the main one says so
+    assert run.stderr.count(f"dropped 1 of {PAIRS + 1} rows") == 1, run.stderr[-3000:]
 
     infos = [json.loads((output_dir / f"rank{rank}.json").read_text()) for rank in range(PROCESSES)]
     for rank, info in enumerate(infos):

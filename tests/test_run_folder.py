@@ -333,3 +333,79 @@ def test_generate_refuses_an_empty_prompts_file(name, content, tmp_path):
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ValueError, match=f"{name} holds no prompts"):
         read_prompts(str(path))
+
+
+def resume_argv(tmp_path, sft_data, checkpoint, **settings):
+    values = dict(dataset_name=sft_data, save_strategy="steps", save_steps=1, max_steps=4, learning_rate=1e-3)
+    return [
+        recipe(tmp_path, "sft", **{**values, **settings}),
+        "--resume_from_checkpoint",
+        str(checkpoint),
+        "--allow_recipe_change=true",
+    ]
+
+
+def checkpoint_hashes(out):
+    return {p.name: folder_hash(p) for p in out.glob("checkpoint-*")}
+
+
+def poison_weights(checkpoint):
+    """Write NaN into one tensor of a checkpoint's weights, as a diverged run would have saved them."""
+    from safetensors.torch import load_file, save_file
+
+    path = checkpoint / "model.safetensors"
+    tensors = load_file(path)
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = tensors[name].clone().fill_(float("nan"))
+    save_file(tensors, path, metadata={"format": "pt"})
+    return name
+
+
+def test_a_full_disk_while_saving_removes_the_partial_copy_and_says_so(tmp_path, sft_data, capsys, quiet, monkeypatch):
+    import errno
+
+    import torch
+
+    out = checkpointed_run(tmp_path, sft_data)
+    before = checkpoint_hashes(out)
+    save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "checkpoint-3" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    line = error_line(capsys, resume_argv(tmp_path, sft_data, out / "checkpoint-2"))
+    assert "could not save checkpoint-3" in line and "No space left on device" in line
+    assert "partial copy was removed" in line and "checkpoint-2 is the last complete checkpoint" in line
+    assert not list(out.glob(".partial-*"))
+    assert checkpoint_hashes(out) == before
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_when_resuming(tmp_path, sft_data, capsys, quiet):
+    out = checkpointed_run(tmp_path, sft_data)
+    tensor = poison_weights(out / "checkpoint-2")
+    before = folder_hash(out)
+    line = error_line(capsys, resume_argv(tmp_path, sft_data, "true"))
+    assert "checkpoint-2 holds NaN or infinite weights" in line and tensor in line and "earlier checkpoint" in line
+    assert folder_hash(out) == before
+
+
+def test_the_loss_guard_never_calls_a_nan_checkpoint_good(tmp_path, sft_data, capsys, quiet, monkeypatch):
+    from alignment.training import SFTTrainer
+
+    out = checkpointed_run(tmp_path, sft_data)
+    poison_weights(out / "checkpoint-2")
+    before = checkpoint_hashes(out)
+    compute_loss = SFTTrainer.compute_loss
+
+    def poisoned(self, model, inputs, *args, **kwargs):
+        loss = compute_loss(self, model, inputs, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step == 1 else loss
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", poisoned)
+    line = error_line(capsys, resume_argv(tmp_path, sft_data, out / "checkpoint-1", save_steps=10))
+    assert "non-finite loss" in line and "at step 2" in line
+    assert "checkpoint-2, holds non-finite weights too" in line and "last good" not in line
+    assert checkpoint_hashes(out) == before

@@ -1,5 +1,5 @@
 """Rules every stage shares, each written once: what a Hub id looks like, the HH-RLHF turn markers, one-line error
-text, where caches live, whether the Hub answers. Imports nothing from the rest of the package."""
+text, where caches live, whether the Hub answers, whether a saved file is whole and its weights finite (`files`). Imports nothing from the rest of the package."""
 
 from .errors import first_line, one_line
 from .hh import HH_ASSISTANT, HH_HUMAN, split_hh_dialogue

@@ -235,7 +235,10 @@ def normalize_dataset(
         raise DataFormatError(f"{source} has no rows")
     if report.kept == 0:
         why = ", ".join(f"{reason}: {count}" for reason, count in report.dropped.items())
-        raise DataFormatError(f"{source}: all {report.total} rows were dropped ({why})")
+        hint = ""
+        if report.dropped.get(PROMPT_TOO_LONG) == report.total:
+            hint = f"; no prompt fits in {max_prompt_length} tokens: raise max_length (or set max_prompt_length)"
+        raise DataFormatError(f"{source}: all {report.total} rows were dropped ({why}){hint}")
     kept = converted.filter(lambda reason: not reason, input_columns="_drop")
     kept = kept.select_columns(list(FORMATS[target]))
     logger.info("%s: kept %d of %d rows (format %s)", source, report.kept, report.total, format)

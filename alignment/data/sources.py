@@ -92,6 +92,27 @@ def _check_utf8(path: Path) -> None:
             ) from None
 
 
+def _check_parquet(path: Path) -> None:
+    """A parquet file starts and ends with `PAR1`; pyarrow's error for one that does not names no file."""
+    if path.name.lower().endswith(".gz"):
+        return
+    with open(path, "rb") as stream:
+        head = stream.read(4)
+        stream.seek(max(0, path.stat().st_size - 4))
+        tail = stream.read(4)
+    if head != b"PAR1" or tail != b"PAR1":
+        raise DataFormatError(
+            f"{path} is not a parquet file (truncated, or another format renamed); fix the file or its extension"
+        )
+
+
+def _check_file(path: Path, builder: str | None) -> None:
+    if builder == "parquet":
+        _check_parquet(path)
+    elif builder in ("json", "csv"):
+        _check_utf8(path)
+
+
 def read_split(spec: DatasetSpec, split: str) -> Dataset:
     """Load one split of a spec's source as it is stored, before any normalising (a single file is one split)."""
     local = Path(spec.path).expanduser()
@@ -101,8 +122,7 @@ def read_split(spec: DatasetSpec, split: str) -> Dataset:
             raise DataFormatError(
                 f"{spec.path}: unsupported file type; expected .json, .jsonl, .parquet or .csv (optionally .gz)"
             )
-        if builder != "parquet":
-            _check_utf8(local)
+        _check_file(local, builder)
         return load_dataset(builder, data_files=str(local), split="train")
     if local.is_dir():
         kinds: dict[str, list[str]] = {}
@@ -110,8 +130,7 @@ def read_split(spec: DatasetSpec, split: str) -> Dataset:
             builder = _file_builder(file.name)
             if builder is not None:
                 kinds.setdefault(builder, []).append(file.name)
-            if builder in ("json", "csv"):
-                _check_utf8(file)
+            _check_file(file, builder)
         if len(kinds) > 1:  # `datasets` would read the files of one kind only, and say nothing of the others
             found = "; ".join(f"{kind}: {', '.join(names[:3])}" for kind, names in sorted(kinds.items()))
             raise DataFormatError(

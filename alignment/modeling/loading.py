@@ -15,6 +15,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import cached_file
 
 from ..common import first_line, looks_like_hub_id
+from ..common.files import nonfinite_parameter, weights_problem
 from .configuration_gpt2 import GPT2_SIZES, AlignmentGPT2Config
 from .modeling_gpt2 import AlignmentGPT2ForCausalLM
 from .tokenizer import load_tokenizer
@@ -152,9 +153,20 @@ def load_model(
             f"({first_line(error)})"
         ) from None
     check_causal_lm(config, f"model_name_or_path {path}", raw.get("architectures"))
+    broken = weights_problem(path)  # a local folder's files; the Hub's are whole or not downloaded at all
+    if broken:
+        raise ValueError(f"model_name_or_path: {broken}; the checkpoint is damaged, use another one")
     if model_type == "gpt2" and implementation == "alignment":
-        return AlignmentGPT2ForCausalLM.from_pretrained(path, revision=revision, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(path, revision=revision, **kwargs)
+        model = AlignmentGPT2ForCausalLM.from_pretrained(path, revision=revision, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, **kwargs)
+    broken = nonfinite_parameter(model)
+    if broken:  # trained on, it gives a non-finite loss at the first step, which would be blamed on that step's rows
+        raise ValueError(
+            f"model_name_or_path {path}: weight {broken} holds NaN or infinite values; the checkpoint was saved from "
+            "a diverged run, use an earlier one"
+        )
+    return model
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")

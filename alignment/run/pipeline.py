@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
+import transformers
 import yaml
 from transformers import set_seed
 from trl import get_peft_config
@@ -64,7 +66,7 @@ def preference_data(data_args: DataArguments, args: DPOConfig, tokenizer: Any) -
     return load_data(
         load_preference_dataset,
         data_args.specs(),
-        tokenizer=tokenizer if prompt_budget else None,
+        tokenizer=tokenizer if prompt_budget is not None else None,
         max_prompt_length=prompt_budget,
         **split_settings(data_args, args),
     )
@@ -181,12 +183,25 @@ def prepare_run(args: Any) -> bool:
     With an unreachable Hub, `push_to_hub` is switched off for the whole run (the Trainer would otherwise fail at
     init creating the repository); else the Trainer pushes checkpoints while it trains, and the final push is ours
     (`train_and_save`), after the model card exists."""
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_logging(args)
     set_seed(args.seed)
     prepare_wandb(args.report_to)
     if args.push_to_hub and not hub_push_possible():
         args.push_to_hub = False
     return bool(args.push_to_hub)
+
+
+def configure_logging(args: Any) -> None:
+    """The main process logs info and warnings; the others warnings only (transformers' `log_level_replica`), and not
+    the data-filter lines, which every process would repeat word for word."""
+    if args.should_log:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        return
+    level = args.get_process_log_level()
+    logging.basicConfig(format=f"[rank {args.process_index}] %(levelname)s %(name)s: %(message)s", level=level)
+    transformers.utils.logging.set_verbosity(level)
+    datasets.utils.logging.set_verbosity(level)
+    logging.getLogger("alignment.data").setLevel(max(level, logging.ERROR))
 
 
 def prepare_output(args: Any) -> str | None:

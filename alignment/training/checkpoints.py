@@ -18,13 +18,13 @@ import logging
 import os
 import re
 import shutil
-import struct
 import uuid
-import zipfile
 from pathlib import Path
 from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from ..common.files import file_problem, nonfinite_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -50,36 +50,6 @@ class CheckpointError(ValueError):
 
 
 # --- what a complete checkpoint is ----------------------------------------------------------------------------------
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """A truncated safetensors file: its header must parse and every tensor's bytes must be inside the file."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (header_size,) = struct.unpack("<Q", f.read(8))
-            if header_size > size - 8:
-                return f"{path.name} is truncated"
-            header = json.loads(f.read(header_size))
-    except (struct.error, ValueError, UnicodeDecodeError):
-        return f"{path.name} is truncated or not a safetensors file"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    return f"{path.name} is truncated" if 8 + header_size + end > size else None
-
-
-def _file_problem(path: Path) -> str | None:
-    """Whether a file a crash may have cut short is whole (torch files are zip archives: their directory is last)."""
-    name = path.name
-    if name.endswith(".safetensors"):
-        return _safetensors_problem(path)
-    if name.endswith((".pt", ".pth", ".bin")):
-        return None if zipfile.is_zipfile(path) else f"{name} is truncated"
-    if name.endswith(".json"):
-        try:
-            json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            return f"{name} is truncated or not JSON"
-    return None
 
 
 def incomplete_reason(folder: str | os.PathLike) -> str | None:
@@ -114,7 +84,7 @@ def incomplete_reason(folder: str | os.PathLike) -> str | None:
             return f"weight shards missing: {', '.join(missing)}"
     for path in sorted(folder.iterdir()):
         if path.is_file():
-            problem = _file_problem(path)
+            problem = file_problem(path)
             if problem:
                 return problem
     state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
@@ -154,21 +124,30 @@ def resume_checkpoint(value: str | bool | None, output_dir: str | os.PathLike) -
                 f"resume_from_checkpoint=true, but {output_dir} holds no complete checkpoint-N folder to resume from; "
                 "start without resume_from_checkpoint, or give the path of a checkpoint"
             )
-        logger.info("resuming from %s", found)
-        return str(found)
+        return _finite_checkpoint(found)
     path = Path(value)
     if not path.exists():
         raise CheckpointError(f"resume_from_checkpoint: {value} does not exist")
     if path.is_dir() and not (path / TRAINER_STATE).exists() and checkpoint_folders(path):
         found = last_complete_checkpoint(path)  # a run's folder: its newest complete checkpoint
         if found is not None:
-            logger.info("resuming from %s", found)
-            return str(found)
+            return _finite_checkpoint(found)
     reason = incomplete_reason(path)
     if reason is not None:
         raise CheckpointError(f"resume_from_checkpoint: {value} is not a complete checkpoint ({reason})")
-    logger.info("resuming from %s", path)
-    return str(path)
+    return _finite_checkpoint(path)
+
+
+def _finite_checkpoint(folder: Path) -> str:
+    """A checkpoint saved from a diverged run is refused here, naming the tensor, not blamed on the next batch."""
+    nonfinite = nonfinite_safetensors(folder)
+    if nonfinite:
+        raise CheckpointError(
+            f"resume_from_checkpoint: {folder} holds NaN or infinite weights ({nonfinite}); resume from an earlier "
+            "checkpoint (give its path)"
+        )
+    logger.info("resuming from %s", folder)
+    return str(folder)
 
 
 # --- the output folder ----------------------------------------------------------------------------------------------
@@ -291,28 +270,42 @@ class AtomicCheckpointsMixin:
         card = run_dir / "README.md"  # TRL rewrites the run's card at every save: a finished run's card stays
         kept_card = card.read_bytes() if self.args.should_save and card.is_file() else None
         try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_run_dir = None
-            if kept_card is not None:
-                card.write_bytes(kept_card)
-        self.accelerator.wait_for_everyone()  # every process has written its files (rng states, shards)
-        if self.args.should_save:
-            final = run_dir / name
-            staged = staging / name
-            for file_name, text in (self.checkpoint_files or {}).items():
-                (staged / file_name).write_text(text, encoding="utf-8")
-            counters = {"num_tokens": getattr(self, "_total_train_tokens", None)}  # TRL's running total
-            (staged / COUNTERS_FILE).write_text(json.dumps(counters), encoding="utf-8")
-            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
-                self.state.best_model_checkpoint = str(final)
-                self.state.save_to_json(str(staged / TRAINER_STATE))
-            publish(staged, final)
-            shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(
-                output_dir=str(run_dir),
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_run_dir = None
+                if kept_card is not None:
+                    card.write_bytes(kept_card)
+            self.accelerator.wait_for_everyone()  # every process has written its files (rng states, shards)
+            if self.args.should_save:
+                self._finish_checkpoint(run_dir, name, staging)
+        except OSError as error:  # a full disk, most often: the partial copy goes, the complete checkpoints stay
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            last = last_complete_checkpoint(run_dir, warn=False)
+            kept = f"{last.name} is the last complete checkpoint" if last else "no checkpoint was saved before"
+            raise CheckpointError(
+                f"could not save {name} in {run_dir} ({error.strerror or error}); its partial copy was removed and "
+                f"{kept}: free some space, then resume with --resume_from_checkpoint=true"
+            ) from error
         self.accelerator.wait_for_everyone()
+
+    def _finish_checkpoint(self, run_dir: Path, name: str, staging: Path) -> None:
+        """Main process: add our files to the staged checkpoint, rename it into place, rotate old ones."""
+        final = run_dir / name
+        staged = staging / name
+        for file_name, text in (self.checkpoint_files or {}).items():
+            (staged / file_name).write_text(text, encoding="utf-8")
+        counters = {"num_tokens": getattr(self, "_total_train_tokens", None)}  # TRL's running total
+        (staged / COUNTERS_FILE).write_text(json.dumps(counters), encoding="utf-8")
+        if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
+            self.state.best_model_checkpoint = str(final)
+            self.state.save_to_json(str(staged / TRAINER_STATE))
+        publish(staged, final)
+        shutil.rmtree(staging, ignore_errors=True)
+        rotate_checkpoints(
+            output_dir=str(run_dir),
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=True,
+        )

@@ -33,6 +33,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..common.files import nonfinite_parameter, nonfinite_safetensors
 from .checkpoints import COUNTERS_FILE, AtomicCheckpointsMixin, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -160,8 +161,18 @@ class NonFiniteLossGuard(TrainerCallback):
                 message += f" (written to {written})"
         elif bad:
             message += ", batch rows unknown"
+        broken = nonfinite_parameter(kwargs.get("model"))
+        if broken:
+            message += (
+                f"; the weights were already non-finite before this step ({broken}), so the rows are not to blame"
+            )
         last = last_complete_checkpoint(args.output_dir, warn=False)
-        where = f"the last good checkpoint, {last}, is intact" if last else "no checkpoint had been saved yet"
+        if last is None:
+            where = "no checkpoint had been saved yet"
+        elif nonfinite_safetensors(last):
+            where = f"the last checkpoint, {last}, holds non-finite weights too: resume from an earlier one"
+        else:
+            where = f"the last good checkpoint, {last}, is intact"
         raise NonFiniteLossError(
             f"{message}; training stopped before that update, {where}; lower the learning rate, check those rows, "
             "or resume with --resume_from_checkpoint=true"
