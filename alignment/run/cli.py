@@ -58,7 +58,8 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) 
         main(argv)
     except KeyboardInterrupt as interrupt:  # alignment.training.TrainingInterrupted says where the checkpoint is
         close_progress_bars()
-        print(f"interrupted: {one_line(interrupt)}" if str(interrupt) else "interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # the main process speaks for all (torchrun sets RANK)
+            print(f"interrupted: {one_line(interrupt)}" if str(interrupt) else "interrupted", file=sys.stderr)
         raise SystemExit(getattr(interrupt, "exit_code", 130)) from None
     except Exception as error:
         if debug:

@@ -24,6 +24,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,23 +73,31 @@ class GracefulInterrupt(TrainerCallback):
     """Turn SIGINT / SIGTERM into `should_save` + `should_training_stop` at the end of the current step."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    # A launcher passes the terminal's Ctrl-C on to its workers, which got it already: a second signal this soon
+    # after the first is that copy, not a second Ctrl-C.
+    SAME_SIGNAL_WINDOW_S = 3.0
 
     def __init__(self) -> None:
         self.signal_received: int | None = None
         self.stopped_at_step: int | None = None
+        self.is_main_process = True
+        self._received_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal_received is not None:  # the second one: stop now
-            self.restore()
+        if self.signal_received is not None:
+            if time.monotonic() - self._received_at < self.SAME_SIGNAL_WINDOW_S:
+                return
+            self.restore()  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
-        self.signal_received = signum
-        print(
-            f"{signal.Signals(signum).name} received: saving a checkpoint at the end of this step, then stopping "
-            "(Ctrl-C again to stop at once, without one)",
-            file=sys.stderr,
-            flush=True,
-        )
+        self.signal_received, self._received_at = signum, time.monotonic()
+        if self.is_main_process:  # one line, however many processes
+            print(
+                f"{signal.Signals(signum).name} received: saving a checkpoint at the end of this step, then "
+                "stopping (Ctrl-C again to stop at once, without one)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def restore(self) -> None:
         """Put back the handlers that were there before training (also after training failed)."""
@@ -97,6 +106,7 @@ class GracefulInterrupt(TrainerCallback):
         self._previous.clear()
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.is_main_process = state.is_world_process_zero
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
