@@ -116,7 +116,7 @@ def test_options_change_the_loss_so_the_parity_above_means_something(tmp_path, g
     assert len({round(v, 4) for v in values.values()}) == len(CASES), values
 
 
-def test_moe_auxiliary_loss_is_honoured_in_sft_and_refused_in_dpo(tmp_path, gpt2_tokenizer):
+def test_moe_auxiliary_loss_is_honoured_in_sft_and_in_dpo(tmp_path, gpt2_tokenizer):
     torch.manual_seed(0)
     ours, stock = pair_of_trainers(tmp_path, gpt2_tokenizer, mixtral())
     a, b = same_batch_loss(ours, stock)
@@ -124,18 +124,33 @@ def test_moe_auxiliary_loss_is_honoured_in_sft_and_refused_in_dpo(tmp_path, gpt2
     assert (
         ours._metrics["train"]["aux_loss"] and ours._metrics["train"]["aux_loss"] == stock._metrics["train"]["aux_loss"]
     )
-    args = DPOConfig(
-        output_dir=str(tmp_path / "dpo"),
-        per_device_train_batch_size=2,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        max_length=32,
-    )
-    with pytest.raises(ValueError, match=r"router auxiliary loss \(router_aux_loss_coef=0.02\) is not part of"):
+
+    model = mixtral()
+    settings = dict(per_device_train_batch_size=2, report_to="none", bf16=False, use_cpu=True, max_length=32)
+    pairs = datasets.Dataset.from_list(preference_rows(4))
+    dpo = {}
+    for name, trainer_class, config_class in (("ours", DPOTrainer, DPOConfig), ("trl", trl.DPOTrainer, trl.DPOConfig)):
+        dpo[name] = trainer_class(
+            copy.deepcopy(model),
+            ref_model=copy.deepcopy(model),
+            args=config_class(output_dir=str(tmp_path / f"dpo-{name}"), **settings),
+            train_dataset=pairs,
+            processing_class=gpt2_tokenizer,
+        )
+    assert not dpo["ours"].prefix_sharing  # the auxiliary loss is TRL's, on TRL's rows
+    examples = [dpo["trl"].train_dataset[i] for i in range(4)]
+    losses = {}
+    for name, trainer in dpo.items():
+        batch = trainer._prepare_inputs(trainer.data_collator([dict(e) for e in examples]))
+        losses[name] = trainer.compute_loss(trainer.model, batch)
+    assert abs(losses["ours"].item() - losses["trl"].item()) <= 1e-6
+    aux = [trainer._metrics["train"]["aux_loss"] for trainer in dpo.values()]
+    assert aux[0] and aux[0] == aux[1]
+
+    with pytest.raises(ValueError, match=r"router auxiliary loss .* has no \['simpo'\]"):
         DPOTrainer(
-            mixtral(),
-            args=args,
-            train_dataset=datasets.Dataset.from_list(preference_rows(4)),
+            copy.deepcopy(model),
+            args=DPOConfig(output_dir=str(tmp_path / "simpo"), loss_type=["simpo"], **settings),
+            train_dataset=pairs,
             processing_class=gpt2_tokenizer,
         )

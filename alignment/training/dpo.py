@@ -12,6 +12,9 @@ changes beyond the computation:
 * with no reference model given, the reference is a frozen copy of the starting policy (TRL would reload it by name,
   which fails for a model built in memory); with LoRA it is the base model with the adapter disabled;
 * reference-free losses (SimPO) keep no reference at all;
+* a Mixture-of-Experts model whose config declares a router auxiliary loss gets TRL's own loss computation, on
+  TRL's rows, with that loss added as TRL adds it (said in one log line);
+* `compute_metrics` gets the logits of TRL's rows (prefix sharing is then off, with one log line);
 * it is safe to stop and stops on a non-finite loss (`SafeTrainingMixin`), whether run from a script or Python.
 """
 
@@ -39,6 +42,11 @@ from .safety import SafeTrainingMixin
 from .shared_prefix import SharedPrefixPreferenceCollator
 
 logger = logging.getLogger(__name__)
+# The loss types trl.DPOTrainer computes (its DPOConfig docstring; TRL keeps no list of them)
+TRL_LOSS_TYPES = {
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+}  # fmt: skip
 
 
 def load_as_trl_does(model_id: str, args: DPOConfig, quantization_config=None) -> torch.nn.Module:
@@ -52,6 +60,14 @@ def load_as_trl_does(model_id: str, args: DPOConfig, quantization_config=None) -
         init_kwargs["device_map"] = None  # distributed training needs it ("auto" fails)
     init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     return create_model_from_path(model_id, **init_kwargs)
+
+
+def router_aux_loss_coef(model: torch.nn.Module, args: DPOConfig) -> float:
+    """The weight TRL gives a Mixture-of-Experts model's router auxiliary loss (0: none), by TRL's rule."""
+    config = model.config.get_text_config()
+    coef = args.router_aux_loss_coef
+    coef = getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef
+    return coef if hasattr(config, "output_router_logits") else 0.0
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -75,8 +91,9 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
         processing_class=None,
         **kwargs,
     ):
-        if args is None:
-            raise ValueError("pass a DPOConfig (alignment.training.DPOConfig)")
+        if args is None:  # as TRL: the defaults, writing to "<model name>-DPO"
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = DPOConfig(f"{model_name.split('/')[-1]}-DPO")
         if isinstance(model, str):  # TRL's most common form: load it here, as TRL would, so the heads can go on
             model = load_as_trl_does(model, args, kwargs.pop("quantization_config", None))
         if processing_class is None:  # as TRL: the model's own tokenizer
@@ -93,6 +110,14 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
                 add_logprob_head(module.get_base_model() if is_peft_model(module) else module)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.prefix_sharing = data_collator is None and args.prefix_sharing
+        if self.prefix_sharing and isinstance(model, torch.nn.Module) and router_aux_loss_coef(model, args):
+            logger.warning("prefix_sharing is off: the MoE router auxiliary loss is TRL's, on TRL's rows")
+            self.prefix_sharing = False
+        if self.prefix_sharing and kwargs.get("compute_metrics") is not None:
+            logger.warning(
+                "prefix_sharing is off: compute_metrics is given the logits of TRL's [chosen; rejected] rows"
+            )
+            self.prefix_sharing = False
         if self.prefix_sharing and isinstance(model, torch.nn.Module):
             problem = prefix_sharing_problem(model, args.max_length)
             if problem is not None:
@@ -100,6 +125,11 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
                 self.prefix_sharing = False
         if self.prefix_sharing:
             data_collator = SharedPrefixPreferenceCollator(ensure_pad_token(tokenizer).pad_token_id, args.max_length)
+            # accelerate's dispatcher (its default for an iterable dataset) would cut every tensor of a batch to the
+            # first one's length, which packed rows do not share: each process collates its own batches instead
+            if args.accelerator_config.dispatch_batches:
+                logger.warning("dispatch_batches is off: shared-prefix batches cannot be split between processes")
+            args.accelerator_config.dispatch_batches = False
         init_kwargs, args.model_init_kwargs = args.model_init_kwargs, None  # used above: TRL would warn they are not
         try:
             super().__init__(
@@ -114,11 +144,14 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
         finally:
             args.model_init_kwargs = init_kwargs
         if getattr(self, "aux_loss_enabled", False):
-            raise ValueError(
-                f"this Mixture-of-Experts model's router auxiliary loss (router_aux_loss_coef="
-                f"{self.router_aux_loss_coef}) is not part of alignment's DPO loss; set router_aux_loss_coef: 0 to "
-                "train without it, or use trl.DPOTrainer"
-            )
+            ours_only = [t for t in args.loss_type if t not in TRL_LOSS_TYPES] + (["rpo_alpha"] * bool(args.rpo_alpha))
+            if ours_only:
+                raise ValueError(
+                    f"this Mixture-of-Experts model's router auxiliary loss (router_aux_loss_coef="
+                    f"{self.router_aux_loss_coef}) is computed by TRL's DPO loss, which has no {ours_only}; drop "
+                    "them, or set router_aux_loss_coef: 0 to train without the auxiliary loss"
+                )
+            logger.warning("DPO loss: TRL's own computation, for the MoE router auxiliary loss")
         if args.reference_free:
             self.ref_model = None
         add_logprob_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
@@ -184,6 +217,8 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
     # --- loss ----------------------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs, return_outputs=False):
+        if self.aux_loss_enabled:  # TRL's loss with the router's term, on TRL's rows (see __init__)
+            return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
         scored = self.scored_tokens(model, inputs)
         policy = scored.reply_logps()
@@ -207,8 +242,10 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
             loss = loss + self.args.rpo_alpha * nll
             self._metrics[mode]["nll_loss"].append(self.accelerator.gather_for_metrics(nll.detach()).mean().item())
         self.record_metrics(mode, terms[0], policy, inputs)
-        if return_outputs:
-            raise ValueError("the DPO loss builds no logits to return; set prediction_loss_only=True")
+        if return_outputs:  # as TRL, for compute_metrics: the rows' logits, from one more forward pass
+            model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+            with torch.no_grad():
+                return loss, model(**model_inputs, use_cache=False)
         return loss
 
     def record_metrics(self, mode: str, result: PreferenceLoss, policy: ReplyLogps, inputs) -> None:

@@ -58,7 +58,7 @@ def score_batch(model: Any, inputs: dict[str, Any]) -> ScoredTokens:
             position_ids=inputs["position_ids"], score_positions=inputs["score_positions"],
             score_targets=inputs["score_targets"], token_logps=True,
         )  # fmt: skip
-        return ScoredTokens(logps, inputs["score_pairs"], inputs["score_rejected"], int(inputs["num_pairs"]))
+        return ScoredTokens(logps, inputs["score_pairs"], inputs["score_rejected"], inputs["pair_lengths"].numel())
     # TRL's layout: rows [chosen; rejected], prompt repeated, right-padded
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
     token_logps = model(

@@ -54,10 +54,14 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 class SharedPrefixPreferenceCollator:
     """Collate TRL-tokenised pairs (`prompt_ids`, `chosen_ids`, `rejected_ids`) into shared-prefix packed rows.
 
-    Returns `input_ids`, `position_ids` and a boolean `attention_mask` (rows, 1, L, L) for the model; for the loss,
-    `score_positions` (N, 2), `score_targets` (N,), `score_pairs` (N,) and `score_rejected` (N,); `num_pairs`, and
-    `num_tokens` (what the unshared rows would hold, for TRL's token count). Precomputed `ref_chosen_logps` /
-    `ref_rejected_logps` pass through.
+    Returns `pair_lengths` (pairs,), each pair's tokens in its packed row; `input_ids`, `position_ids` and a boolean
+    `attention_mask` (rows, 1, L, L) for the model; for the loss, `score_positions` (N, 2), `score_targets` (N,),
+    `score_pairs` (N,) and `score_rejected` (N,); and `num_tokens` (1,), what the unshared rows would hold, for TRL's
+    token count. Precomputed `ref_chosen_logps` / `ref_rejected_logps` pass through.
+
+    No tensor is 0-d, and `pair_lengths` comes first, so `transformers`' `find_batch_size` (the weight of a batch in
+    the evaluation loss) counts pairs, as it does in TRL's layout. The rows cannot be split between processes the
+    way accelerate's batch dispatcher splits a batch (the trainer turns dispatching off).
     """
 
     pad_token_id: int
@@ -99,6 +103,7 @@ class SharedPrefixPreferenceCollator:
                 offset += n
 
         batch = {
+            "pair_lengths": torch.tensor(lengths, dtype=torch.long),
             "input_ids": input_ids,
             "position_ids": position_ids,
             "attention_mask": visible[:, None],
@@ -106,8 +111,7 @@ class SharedPrefixPreferenceCollator:
             "score_targets": torch.tensor(targets, dtype=torch.long),
             "score_pairs": torch.tensor(pair_of, dtype=torch.long),
             "score_rejected": torch.tensor(is_rejected, dtype=torch.bool),
-            "num_pairs": torch.tensor(len(examples)),
-            "num_tokens": torch.tensor(sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)),
+            "num_tokens": torch.tensor([sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)]),
         }
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
