@@ -10,6 +10,7 @@ import trl
 
 from alignment.training import DPOTrainer
 from alignment.training.configs import DPOConfig
+from alignment.training.dpo import TRL_LOSS_TYPES
 from alignment.training.logprobs import add_logprob_head
 from alignment.training.losses import preference_loss
 from tests.conftest import preference_rows, tiny_causal_lms
@@ -164,7 +165,7 @@ def test_trains_any_causal_lm(tmp_path, gpt2_tokenizer, model_name):
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"loss_type": ["sigmoid"], "label_smoothing": 0.1},
+        {"loss_type": ["cdpo"], "label_smoothing": 0.1},
         {"loss_type": ["ipo"]},
         {"loss_type": ["hinge"]},
         {"loss_type": ["sigmoid_norm"]},
@@ -266,3 +267,54 @@ def test_precomputed_reference_logps_are_cached_on_disk(tmp_path, gpt2_tokenizer
     changed[0]["chosen"] = " something else"
     run(changed)
     assert len(calls) > computed and len(list((tmp_path / "cache").iterdir())) == 2  # new data, new key
+
+
+TRL_LOSS_CASES = {
+    **{name: {"loss_type": [name]} for name in sorted(TRL_LOSS_TYPES - {"exo_pair", "robust", "aot", "aot_unpaired"})},
+    "exo_pair": {"loss_type": ["exo_pair"], "label_smoothing": 1e-3},
+    "robust": {"loss_type": ["robust"], "label_smoothing": 0.1},
+    "aot": {"loss_type": ["aot"], "label_smoothing": 0.1},
+    "aot_unpaired": {"loss_type": ["aot_unpaired"], "label_smoothing": 0.1},
+    "mpo": {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
+    "discopop-tau": {"loss_type": ["discopop"], "discopop_tau": 0.5},
+}
+
+
+@pytest.mark.parametrize(
+    ("model_name", "prefix_sharing"),
+    [("ours", True), ("ours", False), ("transformers-llama", True)],
+    ids=["ours-shared-prefix", "ours-trl-layout", "llama-shared-prefix"],
+)
+@pytest.mark.parametrize("case", list(TRL_LOSS_CASES))
+def test_every_trl_loss_type_equals_stock_trl(tmp_path, gpt2_tokenizer, case, model_name, prefix_sharing):
+    """Loss (to 1e-5, relative above 1), logged metrics and gradients equal stock TRL's on the same batch."""
+    policy, reference = trained_pair(model_name=model_name)
+    settings = TRL_LOSS_CASES[case]
+    trainers = [
+        trainer_class(
+            copy.deepcopy(policy),
+            copy.deepcopy(reference),
+            config(tmp_path / name, config_class, **settings, **extra),
+            train_dataset=data(),
+            processing_class=gpt2_tokenizer,
+        )
+        for name, trainer_class, config_class, extra in (
+            ("ours", DPOTrainer, DPOConfig, {"prefix_sharing": prefix_sharing}),
+            ("trl", trl.DPOTrainer, trl.DPOConfig, {}),
+        )
+    ]
+    losses = [trainer.compute_loss(trainer.model, batch_of(trainer)) for trainer in trainers]
+    assert abs(losses[0].item() - losses[1].item()) <= 1e-5 * max(1.0, abs(losses[1].item())), losses
+    for name in METRICS:
+        assert abs(trainers[0]._metrics["train"][name][-1] - trainers[1]._metrics["train"][name][-1]) <= 1e-5, name
+    for loss in losses:
+        loss.backward()
+    for (name, a), b in zip(trainers[0].model.named_parameters(), trainers[1].model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_label_smoothing_is_refused_where_trl_ignores_it(tmp_path):
+    with pytest.raises(ValueError, match=r"label_smoothing is read only by .*for conservative DPO use loss_type: cdpo"):
+        config(tmp_path, loss_type=["sigmoid"], label_smoothing=0.1)
+    with pytest.raises(ValueError, match="exo_pair needs label_smoothing > 0"):
+        config(tmp_path, loss_type=["exo_pair"])

@@ -36,7 +36,7 @@ def test_loss_is_ln2_when_policy_equals_reference():
 
 def test_label_smoothing_is_conservative_dpo():
     eps = 0.2
-    result = preference_loss(POLICY, REFERENCE, beta=BETA, label_smoothing=eps)
+    result = preference_loss(POLICY, REFERENCE, beta=BETA, loss_type="cdpo", label_smoothing=eps)
     x = BETA * 1.5
     torch.testing.assert_close(result.losses[0], torch.tensor(-(1 - eps) * logsigmoid(x) - eps * logsigmoid(-x)))
 

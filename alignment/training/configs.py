@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import trl
 
-from .losses import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
+from .losses import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, SMOOTHED_LOSS_TYPES
 
 
 @dataclass
@@ -89,6 +89,14 @@ class DPOConfig(RunFolderOptions, trl.DPOConfig):
             raise ValueError(f"beta must be > 0 (got {self.beta}); the DPO paper uses 0.1")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5) (got {self.label_smoothing})")
+        smoothed = [t for t in self.loss_type if t in SMOOTHED_LOSS_TYPES]
+        if self.label_smoothing > 0 and not smoothed:
+            raise ValueError(
+                f"label_smoothing is read only by {list(SMOOTHED_LOSS_TYPES)} (as in TRL, whose {self.loss_type} "
+                "ignore it); for conservative DPO use loss_type: cdpo"
+            )
+        if "exo_pair" in self.loss_type and self.label_smoothing == 0:
+            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (its ε; the EXO paper uses 1e-3)")
         unsupported = {
             "ld_alpha": self.ld_alpha is not None,
             "use_weighting": self.use_weighting,

@@ -225,6 +225,8 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
         reference = None if self.args.reference_free else self.reference_logps(inputs, policy)
 
         weights = self.args.loss_weights or [1.0] * len(self.args.loss_type)
+        needs_nll = self.args.rpo_alpha is not None or "sft" in self.args.loss_type
+        nll = scored.chosen_nll() if needs_nll else None
         terms = [
             preference_loss(
                 policy,
@@ -233,12 +235,13 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
                 loss_type=loss_type,
                 label_smoothing=self.args.label_smoothing,
                 simpo_gamma=self.args.simpo_gamma,
+                discopop_tau=self.args.discopop_tau,
+                chosen_nll=nll,
             )
             for loss_type in self.args.loss_type
         ]
         loss = sum(weight * term.loss for weight, term in zip(weights, terms, strict=True))
         if self.args.rpo_alpha is not None:
-            nll = scored.chosen_nll()
             loss = loss + self.args.rpo_alpha * nll
             self._metrics[mode]["nll_loss"].append(self.accelerator.gather_for_metrics(nll.detach()).mean().item())
         self.record_metrics(mode, terms[0], policy, inputs)

@@ -1,28 +1,47 @@
-"""Preference losses on sequence log-probabilities (Rafailov et al., 2023, and the well-known variants).
+"""Preference losses on sequence log-probabilities: DPO (Rafailov et al., 2023) and every variant TRL's `DPOTrainer`
+computes, each as TRL computes it, plus conservative DPO and SimPO.
 
 Every loss reads the summed reply log-probabilities of the policy (and, except SimPO, of the frozen reference) for
-the chosen reply y_w and the rejected reply y_l of each prompt x. The implicit reward of a reply is
-β · (log π(y|x) − log π_ref(y|x)); a pair is "correct" when the chosen reply's reward is the higher one.
+the chosen reply y_w and the rejected reply y_l of each prompt x. With the log-ratios r_w = log π(y_w) − log π_ref(y_w)
+and r_l likewise, Δ = r_w − r_l, and r̄ a log-ratio averaged over the reply's tokens, the per-pair losses are:
 
-    sigmoid       −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ),   Δ = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))
-                  (ε = label smoothing; ε = 0 is DPO, ε > 0 is conservative DPO)
-    hinge         max(0, 1 − βΔ)                                          (SLiC)
-    ipo           (Δ̄ − 1/(2β))²,  Δ̄ with per-token averaged log-ratios   (Azar et al., 2023)
-    sigmoid_norm  sigmoid loss on per-token averaged log-ratios          (the assignment's `get_log_p` average)
-    simpo         −log σ(β·(avg log π(y_w) − avg log π(y_l)) − γ), no reference   (Meng et al., 2024)
+    sigmoid       −log σ(βΔ)                                                   DPO (Rafailov et al., 2023)
+    cdpo          −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ), ε = label_smoothing         conservative DPO (Mitchell, 2023)
+    hinge         max(0, 1 − βΔ)                                               SLiC (Zhao et al., 2023)
+    ipo           (r̄_w − r̄_l − 1/(2β))²                                        IPO (Azar et al., 2023), TRL's per-token form
+    sigmoid_norm  −log σ(β(r̄_w − r̄_l))                                         length-normalised DPO
+    exo_pair      q_w(log q_w − log(1−ε)) + q_l(log q_l − log ε), q_w = σ(βΔ)   EXO (Ji et al., 2024, eq. 16)
+    nca_pair      −log σ(βr_w) − ½ log σ(−βr_w) − ½ log σ(−βr_l)               NCA (Chen et al., 2024)
+    robust        (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε)                 robust DPO (Chowdhury et al., 2024)
+    bco_pair      −log σ(βr_w) − log σ(−βr_l)                                  BCO on pairs, as TRL 1.16 (no running mean)
+    sppo_hard     (r_w − 1/(2β))² + (r_l + 1/(2β))²                            SPPO, hard labels (Wu et al., 2024)
+    aot           smoothed sigmoid of β(sort(log π_w − log π_l) − sort(ref))   AOT (Melnyk et al., 2024), sorted in batch
+    aot_unpaired  smoothed sigmoid of β(sort(r_w) − sort(r_l))                 AOT, unpaired
+    apo_zero      1 − σ(βr_w) + σ(βr_l)                                        APO-zero (D'Oosterlinck et al., 2024, eq. 7)
+    apo_down      σ(βr_w) + 1 − σ(βΔ)                                          APO-down (eq. 8)
+    discopop      (1−m)·(−log σ(βΔ)) + m·exp(−βΔ), m = σ(βΔ/τ)                DiscoPOP (Chris Lu et al., 2024, eq. 5)
+    sft           mean NLL of the batch's chosen reply tokens                  (for mixtures such as MPO)
+    simpo         −log σ(β(avg log π(y_w) − avg log π(y_l)) − γ), no reference  SimPO (Meng et al., 2024)
 
-RPO (Pang et al., 2024) adds `rpo_alpha` × the mean negative log-likelihood of the chosen reply tokens to any of them.
+"smoothed sigmoid" is cdpo's form. As in TRL, `label_smoothing` (ε) is read by cdpo, exo_pair, robust, aot and
+aot_unpaired only, and the logged rewards are β·r for every loss (SimPO: β·avg log π). RPO (Pang et al., 2024) adds
+`rpo_alpha` × the chosen tokens' mean NLL to any of them; several losses are summed with `loss_weights`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "sigmoid_norm", "simpo")
+LOSS_TYPES = (
+    "sigmoid", "cdpo", "hinge", "ipo", "sigmoid_norm", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "simpo",
+)  # fmt: skip
 REFERENCE_FREE_LOSS_TYPES = ("simpo",)
+SMOOTHED_LOSS_TYPES = ("cdpo", "exo_pair", "robust", "aot", "aot_unpaired")  # the ones reading label_smoothing
 
 
 @dataclass
@@ -71,29 +90,60 @@ def preference_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
+    discopop_tau: float = 0.05,
+    chosen_nll: torch.Tensor | None = None,
 ) -> PreferenceLoss:
-    """The per-pair loss of `loss_type` (see the module docstring)."""
+    """The per-pair loss of `loss_type` (see the module docstring); `chosen_nll` is needed by `sft` only."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
+    eps = label_smoothing
     if loss_type == "simpo":
         chosen_avg, rejected_avg = policy.average()
-        losses = smoothed_sigmoid_loss(beta * (chosen_avg - rejected_avg) - simpo_gamma, label_smoothing)
+        losses = smoothed_sigmoid_loss(beta * (chosen_avg - rejected_avg) - simpo_gamma, eps)
         return PreferenceLoss(losses, beta * chosen_avg.detach(), beta * rejected_avg.detach())
     if reference is None:
         raise ValueError(f"loss_type {loss_type!r} needs reference log-probs")
 
-    chosen_logratio = policy.chosen - reference.chosen
-    rejected_logratio = policy.rejected - reference.rejected
+    r_w = policy.chosen - reference.chosen
+    r_l = policy.rejected - reference.rejected
+    logits = beta * (r_w - r_l)
     if loss_type == "sigmoid":
-        losses = smoothed_sigmoid_loss(beta * (chosen_logratio - rejected_logratio), label_smoothing)
+        losses = -F.logsigmoid(logits)
+    elif loss_type == "cdpo":
+        losses = smoothed_sigmoid_loss(logits, eps)
     elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * (chosen_logratio - rejected_logratio))
-    else:  # the two length-normalised losses
-        delta = chosen_logratio / policy.chosen_length.clamp(min=1) - rejected_logratio / policy.rejected_length.clamp(
-            min=1
-        )
-        if loss_type == "ipo":
-            losses = (delta - 1 / (2 * beta)) ** 2
-        else:
-            losses = smoothed_sigmoid_loss(beta * delta, label_smoothing)
-    return PreferenceLoss(losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach())
+        losses = torch.relu(1 - logits)
+    elif loss_type in ("ipo", "sigmoid_norm"):
+        delta = r_w / policy.chosen_length.clamp(min=1) - r_l / policy.rejected_length.clamp(min=1)
+        losses = (delta - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else -F.logsigmoid(beta * delta)
+    elif loss_type == "exo_pair":
+        log_pw, log_pl = math.log1p(-eps), math.log(eps)
+        q_w, q_l = torch.sigmoid(logits), torch.sigmoid(-logits)
+        losses = q_w * (F.logsigmoid(logits) - log_pw) + q_l * (F.logsigmoid(-logits) - log_pl)
+    elif loss_type == "nca_pair":
+        losses = -F.logsigmoid(beta * r_w) - 0.5 * F.logsigmoid(-beta * r_w) - 0.5 * F.logsigmoid(-beta * r_l)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
+    elif loss_type == "bco_pair":
+        losses = -F.logsigmoid(beta * r_w) - F.logsigmoid(-beta * r_l)
+    elif loss_type == "sppo_hard":
+        losses = (r_w - 0.5 / beta) ** 2 + (r_l + 0.5 / beta) ** 2
+    elif loss_type == "aot":
+        policy_sorted = torch.sort(policy.chosen - policy.rejected, dim=0).values
+        reference_sorted = torch.sort(reference.chosen - reference.rejected, dim=0).values
+        losses = smoothed_sigmoid_loss(beta * (policy_sorted - reference_sorted), eps)
+    elif loss_type == "aot_unpaired":
+        delta = torch.sort(r_w, dim=0).values - torch.sort(r_l, dim=0).values
+        losses = smoothed_sigmoid_loss(beta * delta, eps)
+    elif loss_type == "apo_zero":
+        losses = 1 - torch.sigmoid(beta * r_w) + torch.sigmoid(beta * r_l)
+    elif loss_type == "apo_down":
+        losses = torch.sigmoid(beta * r_w) + 1 - torch.sigmoid(logits)
+    elif loss_type == "discopop":
+        modulation = torch.sigmoid(logits / discopop_tau)
+        losses = -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
+    else:  # sft
+        if chosen_nll is None:
+            raise ValueError("loss_type 'sft' needs the chosen tokens' mean NLL (chosen_nll)")
+        losses = chosen_nll.expand(r_w.shape)
+    return PreferenceLoss(losses, beta * r_w.detach(), beta * r_l.detach())

@@ -32,12 +32,10 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 REFUSED_OPTION = "our DPOConfig refuses TRL options it does not implement ({}), with one ValueError"
-REFUSED_LOSS = "loss_type {} is not one of ours (alignment.training.losses.LOSS_TYPES): refused with one ValueError"
 NON_FINITE_LOSS = (
     "our trainer stops on a non-finite loss (SafeTrainingMixin); with float16 weights and lr=0.1 the loss is NaN "
     "from step 4, in TRL too, which trains on (NaN weights count as changed)"
 )
-OUR_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "sigmoid_norm")
 # With no `args`, TRL's (and our) trainer builds `DPOConfig("<model>-DPO")`, whose bf16 default needs a bf16 GPU.
 DEFAULT_ARGS_NEED_BF16 = pytest.mark.skipif(
     not BF16, reason="fails with stock TRL 1.16 here: DPOTrainer(args=None) turns bf16 on, and there is no bf16 GPU"
@@ -315,26 +313,21 @@ class TestDPOTrainer(TrlTestCase):
     @pytest.mark.parametrize(
         "loss_type",
         [
-            loss_type
-            if loss_type in OUR_LOSS_TYPES
-            else pytest.param(loss_type, marks=differs_on_purpose(REFUSED_LOSS.format(loss_type)))
-            for loss_type in [
-                "sigmoid",
-                "hinge",
-                "ipo",
-                "exo_pair",
-                "nca_pair",
-                "robust",
-                "bco_pair",
-                "sppo_hard",
-                "aot",
-                "aot_unpaired",
-                "apo_zero",
-                "apo_down",
-                "discopop",
-                "sft",
-                "sigmoid_norm",
-            ]
+            "sigmoid",
+            "hinge",
+            "ipo",
+            "exo_pair",
+            "nca_pair",
+            "robust",
+            "bco_pair",
+            "sppo_hard",
+            "aot",
+            "aot_unpaired",
+            "apo_zero",
+            "apo_down",
+            "discopop",
+            "sft",
+            "sigmoid_norm",
         ],
     )
     def test_train_loss_types(self, loss_type):
@@ -363,7 +356,6 @@ class TestDPOTrainer(TrlTestCase):
         assert trainer.state.log_history[-1]["train_loss"] is not None
         assert_all_changed(trainer, previous_trainable_params)
 
-    @differs_on_purpose(REFUSED_LOSS.format("['bco_pair', 'sft'] (MPO)"))
     def test_train_multi_loss_types(self):
         dataset = load_dataset("trl-internal-testing/zen", "standard_preference", split="train")
 
