@@ -10,9 +10,8 @@ import trl
 
 from alignment.training import DPOTrainer
 from alignment.training.configs import DPOConfig
-from alignment.training.dpo import TRL_LOSS_TYPES
 from alignment.training.logprobs import add_logprob_head
-from alignment.training.losses import preference_loss
+from alignment.training.losses import TRL_LOSS_TYPES, preference_loss
 from tests.conftest import preference_rows, tiny_causal_lms
 
 METRICS = [
@@ -270,7 +269,10 @@ def test_precomputed_reference_logps_are_cached_on_disk(tmp_path, gpt2_tokenizer
 
 
 TRL_LOSS_CASES = {
-    **{name: {"loss_type": [name]} for name in sorted(TRL_LOSS_TYPES - {"exo_pair", "robust", "aot", "aot_unpaired"})},
+    **{
+        name: {"loss_type": [name]}
+        for name in sorted(set(TRL_LOSS_TYPES) - {"exo_pair", "robust", "aot", "aot_unpaired"})
+    },
     "exo_pair": {"loss_type": ["exo_pair"], "label_smoothing": 1e-3},
     "robust": {"loss_type": ["robust"], "label_smoothing": 0.1},
     "aot": {"loss_type": ["aot"], "label_smoothing": 0.1},

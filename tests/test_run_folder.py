@@ -220,26 +220,20 @@ def test_every_checkpoint_holds_its_recipe(tmp_path, sft_data, quiet):
         assert saved["learning_rate"] == 1e-3 and saved["dataset_name"] == sft_data
 
 
+def resume_argv(tmp_path, sft_data, checkpoint, allow_recipe_change=True, **settings):
+    """A command line resuming `checkpoint` with the checkpointed run's settings, `settings` over them."""
+    values = dict(dataset_name=sft_data, save_strategy="steps", save_steps=1, max_steps=4, learning_rate=1e-3)
+    argv = [recipe(tmp_path, "sft", **{**values, **settings}), "--resume_from_checkpoint", str(checkpoint)]
+    return argv + ["--allow_recipe_change=true"] * allow_recipe_change
+
+
 def test_resume_with_changed_settings_stops_listing_them(tmp_path, sft_data, capsys, quiet):
     out = checkpointed_run(tmp_path, sft_data)
     before = folder_hash(out)
-    line = error_line(
-        capsys,
-        [
-            recipe(
-                tmp_path,
-                "sft",
-                dataset_name=sft_data,
-                save_strategy="steps",
-                save_steps=1,
-                max_steps=2,
-                learning_rate=2e-3,
-                per_device_train_batch_size=4,
-            ),
-            "--resume_from_checkpoint",
-            str(out / "checkpoint-1"),
-        ],
+    argv = resume_argv(
+        tmp_path, sft_data, out / "checkpoint-1", False, max_steps=2, learning_rate=2e-3, per_device_train_batch_size=4
     )
+    line = error_line(capsys, argv)
     assert "settings that change the result: learning_rate: 0.001 -> 0.002, per_device_train_batch_size: 2 -> 4" in line
     assert "--allow_recipe_change=true" in line
     assert folder_hash(out) == before
@@ -250,42 +244,12 @@ def test_resume_with_harmless_changes_or_when_allowed(tmp_path, sft_data, caplog
 
     out = checkpointed_run(tmp_path, sft_data)
     with caplog.at_level(logging.INFO, logger="alignment.run.resume_check"):
-        run_sft(
-            [
-                recipe(
-                    tmp_path,
-                    "sft",
-                    dataset_name=sft_data,
-                    save_strategy="steps",
-                    save_steps=1,
-                    max_steps=2,
-                    learning_rate=1e-3,
-                    logging_steps=2,
-                ),
-                "--resume_from_checkpoint",
-                str(out / "checkpoint-1"),
-            ]
-        )
+        run_sft(resume_argv(tmp_path, sft_data, out / "checkpoint-1", False, max_steps=2, logging_steps=2))
     assert any("other logging/saving settings: logging_steps: 10 -> 2" in r.getMessage() for r in caplog.records), [
         r.getMessage() for r in caplog.records
     ]
     assert not (out / "recipe-changes.yaml").exists()
-    run_sft(
-        [
-            recipe(
-                tmp_path,
-                "sft",
-                dataset_name=sft_data,
-                save_strategy="steps",
-                save_steps=1,
-                max_steps=3,
-                learning_rate=1e-3,
-            ),
-            "--resume_from_checkpoint",
-            str(out / "checkpoint-2"),
-            "--allow_recipe_change=true",
-        ]
-    )
+    run_sft(resume_argv(tmp_path, sft_data, out / "checkpoint-2", max_steps=3))
     changes = yaml.safe_load((out / "recipe-changes.yaml").read_text())
     assert changes[-1]["resumed"] == str(out / "checkpoint-2")
     assert changes[-1]["changes"] == {"max_steps": {"was": 2, "now": 3}}
@@ -304,23 +268,7 @@ def test_a_failed_resume_of_a_finished_run_keeps_its_card_and_recipe(tmp_path, s
         return loss * float("nan") if self.state.global_step == 2 else loss
 
     monkeypatch.setattr(SFTTrainer, "compute_loss", poisoned)
-    line = error_line(
-        capsys,
-        [
-            recipe(
-                tmp_path,
-                "sft",
-                dataset_name=sft_data,
-                save_strategy="steps",
-                save_steps=1,
-                max_steps=4,
-                learning_rate=1e-3,
-            ),
-            "--resume_from_checkpoint",
-            str(out / "checkpoint-1"),
-            "--allow_recipe_change=true",
-        ],
-    )
+    line = error_line(capsys, resume_argv(tmp_path, sft_data, out / "checkpoint-1"))
     assert "non-finite loss" in line
     assert (out / "README.md").read_bytes() == card and (out / "recipe.yaml").read_bytes() == saved_recipe
 
@@ -333,16 +281,6 @@ def test_generate_refuses_an_empty_prompts_file(name, content, tmp_path):
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ValueError, match=f"{name} holds no prompts"):
         read_prompts(str(path))
-
-
-def resume_argv(tmp_path, sft_data, checkpoint, **settings):
-    values = dict(dataset_name=sft_data, save_strategy="steps", save_steps=1, max_steps=4, learning_rate=1e-3)
-    return [
-        recipe(tmp_path, "sft", **{**values, **settings}),
-        "--resume_from_checkpoint",
-        str(checkpoint),
-        "--allow_recipe_change=true",
-    ]
 
 
 def checkpoint_hashes(out):

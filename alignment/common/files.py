@@ -44,10 +44,10 @@ def file_problem(path: Path) -> str | None:
 
 
 def weights_problem(folder: str | Path) -> str | None:
-    """The first broken file among a model folder's weight and config files, as '<path> is truncated'; else None."""
+    """The first broken weight file of a model folder, as '<path> is truncated'; else None."""
     folder = Path(folder)
     for path in sorted(folder.iterdir()) if folder.is_dir() else ():
-        if path.is_file() and (path.name.endswith(WEIGHT_SUFFIXES) or path.name in ("config.json",)):
+        if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES):
             problem = file_problem(path)
             if problem:
                 return f"{folder}/{problem}"

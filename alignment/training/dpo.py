@@ -36,17 +36,12 @@ from ..modeling.tokenizer import ensure_pad_token
 from .configs import DPOConfig
 from .layouts import ScoredTokens, prefix_sharing_problem, score_batch
 from .logprobs import add_logprob_head
-from .losses import PreferenceLoss, ReplyLogps, preference_loss
+from .losses import TRL_LOSS_TYPES, PreferenceLoss, ReplyLogps, preference_loss
 from .reference_cache import cache_path, load_reference_logps, save_reference_logps, token_ids_digest
 from .safety import SafeTrainingMixin
 from .shared_prefix import SharedPrefixPreferenceCollator
 
 logger = logging.getLogger(__name__)
-# The loss types trl.DPOTrainer computes (its DPOConfig docstring; TRL keeps no list of them)
-TRL_LOSS_TYPES = {
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-}  # fmt: skip
 
 
 def load_as_trl_does(model_id: str, args: DPOConfig, quantization_config=None) -> torch.nn.Module:

@@ -41,6 +41,7 @@ LOSS_TYPES = (
     "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "simpo",
 )  # fmt: skip
 REFERENCE_FREE_LOSS_TYPES = ("simpo",)
+TRL_LOSS_TYPES = tuple(t for t in LOSS_TYPES if t not in ("cdpo", "simpo"))  # the ones trl.DPOTrainer computes too
 SMOOTHED_LOSS_TYPES = ("cdpo", "exo_pair", "robust", "aot", "aot_unpaired")  # the ones reading label_smoothing
 
 

@@ -444,7 +444,6 @@ def _tool(name, description, returns, **parameters):
     }
 
 
-_LOCATION = ("string", "The location for which to get the {}.")
 TOOLS = {
     "start_timer": _tool(
         "start_timer",
