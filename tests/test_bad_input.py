@@ -432,6 +432,18 @@ def test_an_unwritable_output_folder_fails_before_anything_loads(tmp_path):
         folder.chmod(0o700)
 
 
+def test_only_the_main_process_probes_the_output_folder(tmp_path, monkeypatch):
+    """The probe makes folders and removes them again; done by every process of a launch, one process's clean-up
+    removed the folder another had just made for its lock (a flaky 'not writable (No such file or directory)')."""
+    monkeypatch.setenv("RANK", "1")
+    check_output_dir(tmp_path / "a" / "b")
+    assert list(tmp_path.iterdir()) == []  # touched nothing: the main process checks and creates
+    monkeypatch.setenv("RANK", "0")
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    with pytest.raises(ValueError, match="is not writable"):
+        check_output_dir(tmp_path / "file" / "out")
+
+
 # --- real processes: the exit code, no traceback -------------------------------------------------------------------
 
 

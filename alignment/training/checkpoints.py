@@ -153,15 +153,10 @@ def _finite_checkpoint(folder: Path) -> str:
 # --- the output folder ----------------------------------------------------------------------------------------------
 
 
-def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool = False, resuming: bool = False) -> None:
-    """Before anything loads: the folder is writable, and a new run never overwrites a saved one by accident.
-
-    Nothing is deleted here: with `overwrite`, the old run's checkpoints go only once the new run has loaded its
-    model and data (`clear_previous_run`), so a typo in the recipe never costs them."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise CheckpointError(f"output_dir {output_dir} exists and is not a folder")
-    created = []  # folders made only to test writing; removed again, so a run failing later leaves nothing behind
+def check_writable(output_dir: Path) -> None:
+    """The folder can be created and written to; folders made only for the test are removed again, so a run failing
+    later leaves nothing behind."""
+    created = []
     folder = output_dir.absolute()
     while not folder.exists() and folder != folder.parent:
         created.append(folder)
@@ -179,6 +174,18 @@ def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool = False, 
         for made in created:  # deepest first
             with contextlib.suppress(OSError):
                 made.rmdir()
+
+
+def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool = False, resuming: bool = False) -> None:
+    """Before anything loads: the folder is writable, and a new run never overwrites a saved one by accident.
+
+    Nothing is deleted here: with `overwrite`, the old run's checkpoints go only once the new run has loaded its
+    model and data (`clear_previous_run`), so a typo in the recipe never costs them."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CheckpointError(f"output_dir {output_dir} exists and is not a folder")
+    if int(os.environ.get("RANK", "0")) == 0:  # one process probes: another's clean-up would race its folder
+        check_writable(output_dir)
     if resuming:
         return
     saved = [p.name for p in checkpoint_folders(output_dir)[::-1]]
