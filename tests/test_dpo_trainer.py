@@ -279,32 +279,88 @@ TRL_LOSS_CASES = {
     "aot_unpaired": {"loss_type": ["aot_unpaired"], "label_smoothing": 0.1},
     "mpo": {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
     "discopop-tau": {"loss_type": ["discopop"], "discopop_tau": 0.5},
+    "f-forward_kl": {"loss_type": ["sigmoid"], "f_divergence_type": "forward_kl"},
+    "f-js_divergence": {"loss_type": ["ipo", "hinge"], "f_divergence_type": "js_divergence"},
+    "f-alpha_divergence": {
+        "loss_type": ["sigmoid_norm", "robust", "exo_pair", "discopop", "sft"],
+        "label_smoothing": 0.1,
+        "f_divergence_type": "alpha_divergence",
+        "f_alpha_divergence_coef": 0.3,
+    },
+    "wpo": {"loss_type": ["sigmoid", "bco_pair"], "use_weighting": True},  # TRL 1.16 fails on WPO with sft
+    "ld_alpha": {"loss_type": ["sigmoid", "ipo", "nca_pair"], "ld_alpha": 0.3},
+    "wpo-ld_alpha": {"loss_type": ["apo_zero"], "use_weighting": True, "ld_alpha": 0.0},
 }
+
+
+TRL_ATTRIBUTES = {  # where stock TRL keeps each setting once its __init__ has read it
+    "loss_type": "loss_types",
+    "loss_weights": "loss_weights",
+    "label_smoothing": "label_smoothing",
+    "f_divergence_type": "f_divergence_type",
+    "f_alpha_divergence_coef": "f_alpha_divergence_coef",
+    "use_weighting": "use_weighting",
+    "ld_alpha": "ld_alpha",
+}
+DEFAULT_LOSS_SETTINGS = {
+    "loss_type": ["sigmoid"], "loss_weights": None, "label_smoothing": 0.0, "f_divergence_type": "reverse_kl",
+    "f_alpha_divergence_coef": 1.0, "use_weighting": False, "ld_alpha": None, "discopop_tau": 0.05,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trainer_pairs(tmp_path_factory, gpt2_tokenizer):
+    """Ours and stock TRL's trainer on the same policy, reference and batch, per (model, layout): built once, each
+    loss case then set on both (WPO's log Σp² is asked of TRL's kernel at build time, so it is built with it)."""
+    pairs = {}
+    for model_name, prefix_sharing in LAYOUTS:
+        policy, reference = trained_pair(model_name=model_name)
+        folder = tmp_path_factory.mktemp(f"{model_name}-{prefix_sharing}")
+        pairs[model_name, prefix_sharing] = [
+            trainer_class(
+                copy.deepcopy(policy),
+                copy.deepcopy(reference),
+                config(folder / name, config_class, **extra),
+                train_dataset=data(),
+                processing_class=gpt2_tokenizer,
+            )
+            for name, trainer_class, config_class, extra in (
+                ("ours", DPOTrainer, DPOConfig, {"prefix_sharing": prefix_sharing}),
+                ("trl", trl.DPOTrainer, trl.DPOConfig, {"use_weighting": True}),
+            )
+        ]
+    return pairs
+
+
+def set_loss(trainers, settings):
+    ours, stock = trainers
+    settings = {**DEFAULT_LOSS_SETTINGS, **settings}
+    for key, value in settings.items():
+        setattr(ours.args, key, value)
+        setattr(stock.args, key, value)
+        if key in TRL_ATTRIBUTES:
+            setattr(
+                stock,
+                TRL_ATTRIBUTES[key],
+                value if key != "loss_weights" else value or [1.0] * len(settings["loss_type"]),
+            )
+
+
+LAYOUTS = [("ours", True), ("ours", False), ("transformers-llama", True), ("transformers-llama", False)]
 
 
 @pytest.mark.parametrize(
     ("model_name", "prefix_sharing"),
-    [("ours", True), ("ours", False), ("transformers-llama", True)],
-    ids=["ours-shared-prefix", "ours-trl-layout", "llama-shared-prefix"],
+    LAYOUTS,
+    ids=["ours-shared-prefix", "ours-trl-layout", "llama-shared-prefix", "llama-trl-layout"],
 )
 @pytest.mark.parametrize("case", list(TRL_LOSS_CASES))
-def test_every_trl_loss_type_equals_stock_trl(tmp_path, gpt2_tokenizer, case, model_name, prefix_sharing):
+def test_every_trl_loss_type_equals_stock_trl(trainer_pairs, case, model_name, prefix_sharing):
     """Loss (to 1e-5, relative above 1), logged metrics and gradients equal stock TRL's on the same batch."""
-    policy, reference = trained_pair(model_name=model_name)
-    settings = TRL_LOSS_CASES[case]
-    trainers = [
-        trainer_class(
-            copy.deepcopy(policy),
-            copy.deepcopy(reference),
-            config(tmp_path / name, config_class, **settings, **extra),
-            train_dataset=data(),
-            processing_class=gpt2_tokenizer,
-        )
-        for name, trainer_class, config_class, extra in (
-            ("ours", DPOTrainer, DPOConfig, {"prefix_sharing": prefix_sharing}),
-            ("trl", trl.DPOTrainer, trl.DPOConfig, {}),
-        )
-    ]
+    trainers = trainer_pairs[model_name, prefix_sharing]
+    set_loss(trainers, TRL_LOSS_CASES[case])
+    for trainer in trainers:
+        trainer.model.zero_grad(set_to_none=True)
     losses = [trainer.compute_loss(trainer.model, batch_of(trainer)) for trainer in trainers]
     assert abs(losses[0].item() - losses[1].item()) <= 1e-5 * max(1.0, abs(losses[1].item())), losses
     for name in METRICS:

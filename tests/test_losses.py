@@ -93,3 +93,37 @@ def test_chosen_nll_is_the_token_mean():
         num_pairs=2,
     )
     torch.testing.assert_close(scored.chosen_nll(), torch.tensor(2.0))
+
+
+LN2 = math.log(2)
+EPS = 0.1
+STEP_ZERO = {  # policy == reference (every log-ratio 0), β = 0.1: what each formula gives
+    "sigmoid": LN2,
+    "cdpo": LN2,
+    "hinge": 1.0,
+    "ipo": (1 / (2 * BETA)) ** 2,
+    "sigmoid_norm": LN2,
+    "exo_pair": 0.5 * (-LN2 - math.log(1 - EPS)) + 0.5 * (-LN2 - math.log(EPS)),
+    "nca_pair": 2 * LN2,
+    "robust": LN2,
+    "bco_pair": 2 * LN2,
+    "sppo_hard": 2 * (0.5 / BETA) ** 2,
+    "aot": LN2,
+    "aot_unpaired": LN2,
+    "apo_zero": 1.0,
+    "apo_down": 1.0,
+    "discopop": 0.5 * LN2 + 0.5,
+}
+
+
+@pytest.mark.parametrize("loss_type", list(STEP_ZERO))
+def test_step_zero_values_fixed_by_the_formulas(loss_type):
+    smoothing = EPS if loss_type in ("cdpo", "exo_pair", "robust", "aot", "aot_unpaired") else 0.0
+    result = preference_loss(POLICY, POLICY, beta=BETA, loss_type=loss_type, label_smoothing=smoothing)
+    torch.testing.assert_close(result.losses, torch.full((2,), STEP_ZERO[loss_type]))
+    for f_divergence in ("forward_kl", "js_divergence", "alpha_divergence"):  # f'(1) = 0 for each: same values
+        if loss_type in ("sigmoid", "hinge", "ipo", "robust", "discopop"):
+            again = preference_loss(
+                POLICY, POLICY, beta=BETA, loss_type=loss_type, label_smoothing=smoothing, f_divergence_type=f_divergence
+            )
+            torch.testing.assert_close(again.losses, result.losses)

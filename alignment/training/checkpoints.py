@@ -297,6 +297,10 @@ class AtomicCheckpointsMixin:
             ) from error
         self.accelerator.wait_for_everyone()
 
+    def save_trainer_extras(self, checkpoint: Path) -> None:
+        """Main process, into the staged checkpoint: state a trainer keeps beyond the Trainer's (TR-DPO's
+        reference); published with the rest, so a checkpoint never has half of it."""
+
     def _finish_checkpoint(self, run_dir: Path, name: str, staging: Path) -> None:
         """Main process: add our files to the staged checkpoint, rename it into place, rotate old ones."""
         final = run_dir / name
@@ -305,6 +309,7 @@ class AtomicCheckpointsMixin:
             (staged / file_name).write_text(text, encoding="utf-8")
         counters = {"num_tokens": getattr(self, "_total_train_tokens", None)}  # TRL's running total
         (staged / COUNTERS_FILE).write_text(json.dumps(counters), encoding="utf-8")
+        self.save_trainer_extras(staged)
         if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
             self.state.best_model_checkpoint = str(final)
             self.state.save_to_json(str(staged / TRAINER_STATE))

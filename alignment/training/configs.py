@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 
 import trl
 
-from .losses import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, SMOOTHED_LOSS_TYPES
+from .losses import (
+    F_DIVERGENCE_LOSS_TYPES,
+    F_DIVERGENCE_TYPES,
+    LOSS_TYPES,
+    REFERENCE_FREE_LOSS_TYPES,
+    SMOOTHED_LOSS_TYPES,
+    SORTING_LOSS_TYPES,
+)
 
 
 @dataclass
@@ -97,15 +104,26 @@ class DPOConfig(RunFolderOptions, trl.DPOConfig):
             )
         if "exo_pair" in self.loss_type and self.label_smoothing == 0:
             raise ValueError("loss_type exo_pair needs label_smoothing > 0 (its ε; the EXO paper uses 1e-3)")
-        unsupported = {
-            "ld_alpha": self.ld_alpha is not None,
-            "use_weighting": self.use_weighting,
-            "f_divergence_type": self.f_divergence_type != "reverse_kl",
-            "sync_ref_model": self.sync_ref_model,
-        }
-        if any(unsupported.values()):
-            names = [name for name, is_set in unsupported.items() if is_set]
-            raise ValueError(f"{names} are TRL options our DPO trainer does not implement; unset them")
+        if self.f_divergence_type not in F_DIVERGENCE_TYPES:
+            raise ValueError(f"unknown f_divergence_type {self.f_divergence_type!r}; choose from {F_DIVERGENCE_TYPES}")
+        no_f_form = [t for t in self.loss_type if t not in F_DIVERGENCE_LOSS_TYPES]
+        if self.f_divergence_type != "reverse_kl" and no_f_form:
+            raise ValueError(
+                f"f_divergence_type {self.f_divergence_type!r} has no form for loss_type {no_f_form} (as in TRL: "
+                f"its log Z(x) cancels only in the reward difference); use it with {list(F_DIVERGENCE_LOSS_TYPES)}"
+            )
+        sorting = [t for t in self.loss_type if t in SORTING_LOSS_TYPES]
+        if self.use_weighting and sorting:
+            raise ValueError(f"use_weighting (WPO) cannot weight {sorting}: they sort the batch, so weights misalign")
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            raise ValueError(f"ld_alpha must be in [0, 1] (got {self.ld_alpha}); 1 is plain DPO")
+        if self.sync_ref_model and self.reference_free:
+            raise ValueError(f"sync_ref_model: loss_type {self.loss_type} keeps no reference model to sync")
+        if self.sync_ref_model and self.precompute_ref_log_probs:
+            raise ValueError(
+                "sync_ref_model updates the reference during training, which makes precomputed reference log-probs "
+                "stale; set precompute_ref_log_probs: false or sync_ref_model: false"
+            )
 
     @property
     def reference_free(self) -> bool:

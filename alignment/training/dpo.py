@@ -23,16 +23,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from pathlib import Path
 
 import torch
 import trl
 from accelerate.utils import is_peft_model
 from datasets import Dataset
+from safetensors.torch import load_model, save_model
 from transformers import AutoProcessor
+from transformers.integrations import is_deepspeed_zero3_enabled
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 
 from ..modeling.tokenizer import ensure_pad_token
+from .checkpoints import CheckpointError
 from .configs import DPOConfig
 from .layouts import ScoredTokens, prefix_sharing_problem, score_batch
 from .logprobs import add_logprob_head
@@ -42,6 +46,7 @@ from .safety import SafeTrainingMixin
 from .shared_prefix import SharedPrefixPreferenceCollator
 
 logger = logging.getLogger(__name__)
+SYNCED_REFERENCE_FILE = "synced_reference.safetensors"  # TR-DPO's reference, in every checkpoint
 
 
 def load_as_trl_does(model_id: str, args: DPOConfig, quantization_config=None) -> torch.nn.Module:
@@ -149,13 +154,50 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
             logger.warning("DPO loss: TRL's own computation, for the MoE router auxiliary loss")
         if args.reference_free:
             self.ref_model = None
+        if args.sync_ref_model and self.reference_is_sharded:
+            logger.warning(
+                "sync_ref_model: under FSDP or ZeRO-3 the synced reference is not saved in checkpoints, so this run "
+                "cannot be resumed exactly"
+            )
         add_logprob_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+
+    # --- TR-DPO: the synced reference is part of the run's state --------------------------------------------------
+
+    def save_trainer_extras(self, checkpoint: Path) -> None:
+        """With `sync_ref_model` the reference drifts towards the policy; resuming from the starting model's copy
+        would change the run, so every checkpoint keeps the reference as it is (TRL's checkpoints do not)."""
+        if self.args.sync_ref_model and self.ref_model is not None and not self.reference_is_sharded:
+            save_model(self.accelerator.unwrap_model(self.ref_model), str(checkpoint / SYNCED_REFERENCE_FILE))
+
+    @property
+    def reference_is_sharded(self) -> bool:
+        return self.is_fsdp_enabled or is_deepspeed_zero3_enabled()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self.args.sync_ref_model or self.ref_model is None:
+            return
+        path = Path(resume_from_checkpoint) / SYNCED_REFERENCE_FILE
+        if self.reference_is_sharded:
+            raise CheckpointError(
+                "sync_ref_model: a run sharded with FSDP or ZeRO-3 cannot save its synced reference in checkpoints, "
+                "so it cannot be resumed exactly; start it again, or train without sync_ref_model"
+            )
+        if not path.is_file():
+            logger.warning(
+                "%s has no synced reference (saved without sync_ref_model): the reference restarts from the "
+                "starting model",
+                resume_from_checkpoint,
+            )
+            return
+        load_model(self.accelerator.unwrap_model(self.ref_model), str(path))
+        logger.info("synced reference model restored from %s", path)
 
     # --- log-probs -----------------------------------------------------------------------------------------------
 
-    def scored_tokens(self, model, inputs) -> ScoredTokens:
-        """Log-probs of all reply tokens, from either batch layout."""
-        return score_batch(model, inputs)
+    def scored_tokens(self, model, inputs, with_log_sum_sq: bool = False) -> ScoredTokens:
+        """Log-probs of all reply tokens, from either batch layout (and log Σ p², for WPO)."""
+        return score_batch(model, inputs, with_log_sum_sq)
 
     def reference_context(self):
         """No gradients, no checkpointing; with LoRA and no reference model, the adapter is switched off."""
@@ -176,7 +218,7 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
             )
         with self.reference_context():
             model = self.ref_model if self.ref_model is not None else self.model
-            return self.scored_tokens(model, inputs).reply_logps()
+            return self.scored_tokens(model, inputs).reply_logps(self.args.ld_alpha)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         """TRL's one pass of the reference over the data, kept on disk: a second run with the same data and
@@ -189,6 +231,7 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
             self._precompute_model_hash,
             self.args.max_length,
             self.prefix_sharing,
+            *([f"ld_alpha={self.args.ld_alpha}"] if self.args.ld_alpha is not None else []),
         )
         if path.exists():
             logger.info("reference log-probs of the %s data read from %s", name, path)
@@ -206,7 +249,7 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
     def compute_ref_log_probs(self, model, inputs):
         """TRL's hook for `precompute_ref_log_probs`: summed reference log-probs of the chosen and rejected replies."""
         with self.reference_context():
-            logps = self.scored_tokens(model, inputs).reply_logps()
+            logps = self.scored_tokens(model, inputs).reply_logps(self.args.ld_alpha)
         return logps.chosen, logps.rejected
 
     # --- loss ----------------------------------------------------------------------------------------------------
@@ -215,9 +258,10 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
         if self.aux_loss_enabled:  # TRL's loss with the router's term, on TRL's rows (see __init__)
             return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
-        scored = self.scored_tokens(model, inputs)
-        policy = scored.reply_logps()
+        scored = self.scored_tokens(model, inputs, with_log_sum_sq=self.args.use_weighting)
+        policy = scored.reply_logps(self.args.ld_alpha)
         reference = None if self.args.reference_free else self.reference_logps(inputs, policy)
+        pair_weights = scored.wpo_weights() if self.args.use_weighting else None
 
         weights = self.args.loss_weights or [1.0] * len(self.args.loss_type)
         needs_nll = self.args.rpo_alpha is not None or "sft" in self.args.loss_type
@@ -232,6 +276,9 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
                 simpo_gamma=self.args.simpo_gamma,
                 discopop_tau=self.args.discopop_tau,
                 chosen_nll=nll,
+                f_divergence_type=self.args.f_divergence_type,
+                f_alpha_divergence_coef=self.args.f_alpha_divergence_coef,
+                weights=pair_weights,
             )
             for loss_type in self.args.loss_type
         ]

@@ -30,19 +30,58 @@ PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # other dtypes: 5e
 
 @dataclass
 class ScoredTokens:
-    """The log-probs of every reply token of a batch, with the pair and reply each belongs to."""
+    """The log-probs of every reply token of a batch, with the pair and reply each belongs to (each reply's tokens
+    in order), and, when asked for, log Σ_v p_v² of each token's distribution (`log_sum_sq`, for WPO)."""
 
     logps: torch.Tensor  # (N,)
     pairs: torch.Tensor  # (N,) pair index
     rejected: torch.Tensor  # (N,) True for rejected-reply tokens
     num_pairs: int
+    log_sum_sq: torch.Tensor | None = None  # (N,), no gradient
 
-    def reply_logps(self) -> ReplyLogps:
-        """Per-pair sums and lengths of the chosen and rejected replies."""
-        slot = self.rejected.long() * self.num_pairs + self.pairs
-        sums = self.logps.new_zeros(2 * self.num_pairs).index_add(0, slot, self.logps)
-        lengths = torch.bincount(slot, minlength=2 * self.num_pairs)
-        return ReplyLogps(*sums.chunk(2), *lengths.chunk(2))
+    @property
+    def slots(self) -> torch.Tensor:
+        """(N,) the reply each token belongs to: pair p's chosen reply is p, its rejected one num_pairs + p."""
+        return self.rejected.long() * self.num_pairs + self.pairs
+
+    def per_reply(self, values: torch.Tensor) -> torch.Tensor:
+        """(2 · num_pairs,) the sum of a per-token value over each reply, chosen replies first."""
+        return values.new_zeros(2 * self.num_pairs).index_add(0, self.slots, values)
+
+    def lengths(self) -> torch.Tensor:
+        return torch.bincount(self.slots, minlength=2 * self.num_pairs)
+
+    def reply_logps(self, ld_alpha: float | None = None) -> ReplyLogps:
+        """Per-pair sums and lengths of the chosen and rejected replies.
+
+        With `ld_alpha` (LD-DPO, Liu et al., 2024), tokens past the shorter reply's length weigh α:
+        log π(y) = Σ_{t ≤ min(|y_w|, |y_l|)} log π(y_t) + α · Σ_{t > min} log π(y_t), as TRL computes it."""
+        lengths = self.lengths()
+        logps = self.logps
+        if ld_alpha is not None:
+            shared = torch.minimum(*lengths.chunk(2)).repeat(2)  # per reply: the pair's shorter length
+            tail = self.index_in_reply() >= shared[self.slots]
+            logps = torch.where(tail, ld_alpha * logps, logps)
+        return ReplyLogps(*self.per_reply(logps).chunk(2), *lengths.chunk(2))
+
+    def index_in_reply(self) -> torch.Tensor:
+        """(N,) each token's position within its reply, 0 for the first."""
+        slots = self.slots
+        order = torch.argsort(slots, stable=True)
+        lengths = self.lengths()
+        starts = lengths.cumsum(0) - lengths
+        index = torch.empty_like(slots)
+        index[order] = torch.arange(slots.numel(), device=slots.device) - starts[slots[order]]
+        return index
+
+    def wpo_weights(self) -> torch.Tensor:
+        """WPO's per-pair weight (Zhou et al., 2024, eq. 2): w(y_w) · w(y_l), where w(y) is the exponential of the
+        reply's mean over tokens of log π(y_t) − log Σ_v π(v)², without gradient (as TRL computes it)."""
+        if self.log_sum_sq is None:
+            raise ValueError("WPO weights need the tokens' log_sum_sq: score the batch with with_log_sum_sq=True")
+        aligned = self.per_reply((self.logps - self.log_sum_sq).detach())
+        chosen, rejected = (aligned / self.lengths().clamp(min=1)).exp().chunk(2)
+        return chosen * rejected
 
     def chosen_nll(self) -> torch.Tensor:
         """Mean negative log-likelihood of the chosen reply tokens (RPO's extra term)."""
@@ -50,24 +89,26 @@ class ScoredTokens:
         return -chosen.sum() / max(chosen.numel(), 1)
 
 
-def score_batch(model: Any, inputs: dict[str, Any]) -> ScoredTokens:
+def score_batch(model: Any, inputs: dict[str, Any], with_log_sum_sq: bool = False) -> ScoredTokens:
     """Log-probs of all reply tokens of a batch in either layout (the model has `add_logprob_head`)."""
+    mode = "with_log_sum_sq" if with_log_sum_sq else True
     if "score_targets" in inputs:  # shared prefix, packed
-        logps = model(
+        out = model(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
             position_ids=inputs["position_ids"], score_positions=inputs["score_positions"],
-            score_targets=inputs["score_targets"], token_logps=True,
+            score_targets=inputs["score_targets"], token_logps=mode,
         )  # fmt: skip
-        return ScoredTokens(logps, inputs["score_pairs"], inputs["score_rejected"], inputs["pair_lengths"].numel())
+        logps, log_sum_sq = out if with_log_sum_sq else (out, None)
+        num_pairs = inputs["pair_lengths"].numel()
+        return ScoredTokens(logps, inputs["score_pairs"], inputs["score_rejected"], num_pairs, log_sum_sq)
     # TRL's layout: rows [chosen; rejected], prompt repeated, right-padded
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
-    token_logps = model(
-        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels, token_logps=True
-    )
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels, token_logps=mode)
     scored = labels[:, 1:] != IGNORE_INDEX
+    logps, log_sum_sq = out if with_log_sum_sq else (out[scored], None)
     rows = scored.nonzero()[:, 0]
     num_pairs = inputs["input_ids"].size(0) // 2
-    return ScoredTokens(token_logps[scored], rows % num_pairs, rows >= num_pairs, num_pairs)
+    return ScoredTokens(logps, rows % num_pairs, rows >= num_pairs, num_pairs, log_sum_sq)
 
 
 def trl_layout(pairs: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -10,6 +10,8 @@ chunk's softmax instead of storing it.
 (batch, length - 1) log-probs (0 where no label) (`token_logps="with_stats"`: and the entropy and top-1 hits of those
 positions, for the SFT metrics), and `model(..., score_positions=P, score_targets=Y,
 token_logps=True)` the log-probs of the N tokens Y predicted from the hidden states at the (row, column) pairs P.
+`token_logps="with_log_sum_sq"` returns, for either form, the scored tokens' log-probs flat and log Σ_v p_v² of their
+distributions (WPO's weights).
 Going through `model(...)` rather than calling submodules keeps DDP/FSDP/PEFT wrappers in the loop.
 
 The head handles the same variants as TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`): logits scaled
@@ -60,28 +62,32 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
     """log_softmax(transform(hidden @ weightᵀ + bias))[target], row by row in chunks, with a recomputing backward.
 
     Also returns, without gradients, each row's entropy and whether the target is the argmax (TRL's `entropy` and
-    `mean_token_accuracy` metrics), from the same logits: they cost no second pass through the head."""
+    `mean_token_accuracy` metrics) and log Σ_v p_v² (WPO's weights), from the same softmax: they cost no second pass
+    through the head."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_rows, transform):
         out = torch.empty(hidden.size(0), dtype=_compute_dtype(hidden), device=hidden.device)
         entropy = torch.empty_like(out)
         is_top1 = torch.empty(hidden.size(0), dtype=torch.bool, device=hidden.device)
+        log_sum_sq = torch.empty_like(out)
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = _transformed(_logits(hidden[rows], weight, bias), transform)
             normaliser = logits.logsumexp(dim=1)
             out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - normaliser
-            entropy[rows] = normaliser - (torch.softmax(logits, dim=1) * logits).sum(1)
+            probs = torch.softmax(logits, dim=1)
+            entropy[rows] = normaliser - (probs * logits).sum(1)
+            log_sum_sq[rows] = probs.square().sum(1).log()
             is_top1[rows] = logits.argmax(dim=1) == targets[rows]  # the first maximum, as TRL counts it
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk_rows = chunk_rows
         ctx.transform = transform
-        ctx.mark_non_differentiable(entropy, is_top1)
-        return out, entropy, is_top1
+        ctx.mark_non_differentiable(entropy, is_top1, log_sum_sq)
+        return out, entropy, is_top1, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_entropy=None, _grad_is_top1=None):
+    def backward(ctx, grad_out, _grad_entropy=None, _grad_is_top1=None, _grad_log_sum_sq=None):
         hidden, weight, bias, targets = ctx.saved_tensors
         transform = ctx.transform
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -144,6 +150,18 @@ def logprobs_of_targets(
     return _ChunkedTokenLogProbs.apply(hidden, weight, bias, targets, chunk_rows, transform)[0]
 
 
+def logprobs_and_log_sum_sq(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    transform: HeadTransform = PLAIN_HEAD,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs_of_targets`, and log Σ_v p_v² of each row's distribution (no gradient; WPO's weights)."""
+    logps, _, _, log_sum_sq = _ChunkedTokenLogProbs.apply(hidden, weight, bias, targets, CHUNK_ROWS, transform)
+    return logps, log_sum_sq
+
+
 @dataclass
 class TokenStats:
     """Per-token figures of the scored positions, for TRL's metrics: (B, T-1), zero where nothing is scored."""
@@ -159,7 +177,7 @@ def token_logps_and_stats(
     """Like `token_logps_from_hidden`, with the entropy and top-1 hit of every scored position (no gradients)."""
     hidden_states, targets = hidden_states[:, :-1], labels[:, 1:].to(hidden_states.device)
     scored = targets != IGNORE_INDEX
-    logps, entropy, is_top1 = _ChunkedTokenLogProbs.apply(
+    logps, entropy, is_top1, _ = _ChunkedTokenLogProbs.apply(
         hidden_states[scored], lm_head.weight, getattr(lm_head, "bias", None), targets[scored], CHUNK_ROWS, transform
     )
     zeros = torch.zeros(scored.shape, dtype=logps.dtype, device=logps.device)
@@ -211,6 +229,15 @@ def add_logprob_head(model: nn.Module) -> nn.Module:
         lm_head = model.get_output_embeddings()
         if token_logps == "with_stats":
             return token_logps_and_stats(hidden_states, labels, lm_head, transform)
+        if token_logps == "with_log_sum_sq":  # flat, the scored tokens only, in row-major order
+            if score_positions is None:
+                targets = labels[:, 1:].to(hidden_states.device)
+                scored = targets != IGNORE_INDEX
+                sources, score_targets = hidden_states[:, :-1][scored], targets[scored]
+            else:
+                sources = hidden_states[score_positions[:, 0], score_positions[:, 1]]
+            bias = getattr(lm_head, "bias", None)
+            return logprobs_and_log_sum_sq(sources, lm_head.weight, score_targets, bias, transform)
         if score_positions is None:
             return token_logps_from_hidden(hidden_states, labels, lm_head, transform=transform)
         sources = hidden_states[score_positions[:, 0], score_positions[:, 1]]

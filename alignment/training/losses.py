@@ -23,6 +23,16 @@ and r_l likewise, Δ = r_w − r_l, and r̄ a log-ratio averaged over the reply'
     sft           mean NLL of the batch's chosen reply tokens                  (for mixtures such as MPO)
     simpo         −log σ(β(avg log π(y_w) − avg log π(y_l)) − γ), no reference  SimPO (Meng et al., 2024)
 
+Options, as TRL applies them:
+
+* `f_divergence_type` (f-DPO, Wang et al., 2024) replaces each log-ratio r by f'(e^r) in the losses built on Δ
+  (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop; sft ignores it): `forward_kl` 1 − e^−r,
+  `js_divergence` log 2 + log σ(r), `alpha_divergence` (e^{(α−1)r} − 1)/(α−1) with α = f_alpha_divergence_coef
+  (exponent clamped at 80, 11 in float16; α = 1 is reverse KL). Its log Z(x) term cancels only in Δ, so the other
+  losses have no f-divergence form and refuse it (`F_DIVERGENCE_LOSS_TYPES`).
+* `weights` (WPO, Zhou et al., 2024) multiply each pair's loss (`ScoredTokens.wpo_weights`).
+* `ld_alpha` (LD-DPO) changes the summed log-probs themselves (`ScoredTokens.reply_logps`).
+
 "smoothed sigmoid" is cdpo's form. As in TRL, `label_smoothing` (ε) is read by cdpo, exo_pair, robust, aot and
 aot_unpaired only, and the logged rewards are β·r for every loss (SimPO: β·avg log π). RPO (Pang et al., 2024) adds
 `rpo_alpha` × the chosen tokens' mean NLL to any of them; several losses are summed with `loss_weights`.
@@ -43,6 +53,9 @@ LOSS_TYPES = (
 REFERENCE_FREE_LOSS_TYPES = ("simpo",)
 TRL_LOSS_TYPES = tuple(t for t in LOSS_TYPES if t not in ("cdpo", "simpo"))  # the ones trl.DPOTrainer computes too
 SMOOTHED_LOSS_TYPES = ("cdpo", "exo_pair", "robust", "aot", "aot_unpaired")  # the ones reading label_smoothing
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+SORTING_LOSS_TYPES = ("aot", "aot_unpaired")  # they sort the batch, so per-pair (WPO) weights would not line up
 
 
 @dataclass
@@ -83,6 +96,21 @@ def smoothed_sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
+def f_divergence_score(log_ratio: torch.Tensor, f_divergence_type: str, alpha: float = 1.0) -> torch.Tensor:
+    """f'(π/π_ref) written in r = log(π/π_ref), for f-DPO (see the module docstring)."""
+    if f_divergence_type == "reverse_kl" or (f_divergence_type == "alpha_divergence" and abs(alpha - 1) < 1e-6):
+        return log_ratio
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-log_ratio)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(log_ratio)
+    if f_divergence_type == "alpha_divergence":
+        t = (alpha - 1) * log_ratio
+        clamp_max = 11.0 if t.dtype == torch.float16 else 80.0  # keeps exp(t) finite once cast back
+        return (torch.exp(torch.clamp(t.float(), max=clamp_max)) - 1).to(t.dtype) / (alpha - 1)
+    raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; choose one of {F_DIVERGENCE_TYPES}")
+
+
 def preference_loss(
     policy: ReplyLogps,
     reference: ReplyLogps | None,
@@ -93,21 +121,32 @@ def preference_loss(
     simpo_gamma: float = 0.5,
     discopop_tau: float = 0.05,
     chosen_nll: torch.Tensor | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 1.0,
+    weights: torch.Tensor | None = None,
 ) -> PreferenceLoss:
-    """The per-pair loss of `loss_type` (see the module docstring); `chosen_nll` is needed by `sft` only."""
+    """The per-pair loss of `loss_type` (see the module docstring), times `weights` if given; `chosen_nll` is
+    needed by `sft` only."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
+    if f_divergence_type != "reverse_kl" and loss_type not in F_DIVERGENCE_LOSS_TYPES:
+        raise ValueError(f"f_divergence_type {f_divergence_type!r} has no form for loss_type {loss_type!r}")
+    if weights is not None and loss_type in SORTING_LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r} sorts the batch: per-pair (WPO) weights would not line up")
     eps = label_smoothing
     if loss_type == "simpo":
         chosen_avg, rejected_avg = policy.average()
         losses = smoothed_sigmoid_loss(beta * (chosen_avg - rejected_avg) - simpo_gamma, eps)
+        losses = losses if weights is None else losses * weights
         return PreferenceLoss(losses, beta * chosen_avg.detach(), beta * rejected_avg.detach())
     if reference is None:
         raise ValueError(f"loss_type {loss_type!r} needs reference log-probs")
 
     r_w = policy.chosen - reference.chosen
     r_l = policy.rejected - reference.rejected
-    logits = beta * (r_w - r_l)
+    s_w = f_divergence_score(r_w, f_divergence_type, f_alpha_divergence_coef)
+    s_l = f_divergence_score(r_l, f_divergence_type, f_alpha_divergence_coef)
+    logits = beta * (s_w - s_l)
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(logits)
     elif loss_type == "cdpo":
@@ -115,7 +154,7 @@ def preference_loss(
     elif loss_type == "hinge":
         losses = torch.relu(1 - logits)
     elif loss_type in ("ipo", "sigmoid_norm"):
-        delta = r_w / policy.chosen_length.clamp(min=1) - r_l / policy.rejected_length.clamp(min=1)
+        delta = s_w / policy.chosen_length.clamp(min=1) - s_l / policy.rejected_length.clamp(min=1)
         losses = (delta - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else -F.logsigmoid(beta * delta)
     elif loss_type == "exo_pair":
         log_pw, log_pl = math.log1p(-eps), math.log(eps)
@@ -147,4 +186,6 @@ def preference_loss(
         if chosen_nll is None:
             raise ValueError("loss_type 'sft' needs the chosen tokens' mean NLL (chosen_nll)")
         losses = chosen_nll.expand(r_w.shape)
+    if weights is not None:
+        losses = losses * weights
     return PreferenceLoss(losses, beta * r_w.detach(), beta * r_l.detach())
