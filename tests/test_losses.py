@@ -124,6 +124,11 @@ def test_step_zero_values_fixed_by_the_formulas(loss_type):
     for f_divergence in ("forward_kl", "js_divergence", "alpha_divergence"):  # f'(1) = 0 for each: same values
         if loss_type in ("sigmoid", "hinge", "ipo", "robust", "discopop"):
             again = preference_loss(
-                POLICY, POLICY, beta=BETA, loss_type=loss_type, label_smoothing=smoothing, f_divergence_type=f_divergence
+                POLICY,
+                POLICY,
+                beta=BETA,
+                loss_type=loss_type,
+                label_smoothing=smoothing,
+                f_divergence_type=f_divergence,
             )
             torch.testing.assert_close(again.losses, result.losses)
