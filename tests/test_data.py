@@ -233,13 +233,14 @@ def test_max_prompt_length_needs_a_tokenizer(tmp_path):
         load_preference_dataset(str(path), max_prompt_length=8)
 
 
-def test_mixture_takes_fractions_and_is_deterministic(tmp_path):
-    def rows(tag, count):
-        return [{"prompt": f"{tag}{i}", "chosen": "x", "rejected": "y"} for i in range(count)]
+def mixture_rows(tag, count):
+    return [{"prompt": f"{tag}{i}", "chosen": "x", "rejected": "y"} for i in range(count)]
 
-    small = write_jsonl(tmp_path / "small.jsonl", rows("a", 40))
-    large = write_jsonl(tmp_path / "large.jsonl", rows("b", 100))
-    specs = [{"path": str(small), "fraction": 0.5}, {"path": str(large), "fraction": 0.2}]
+
+def test_mixture_subsamples_and_is_deterministic(tmp_path):
+    small = write_jsonl(tmp_path / "small.jsonl", mixture_rows("a", 40))
+    large = write_jsonl(tmp_path / "large.jsonl", mixture_rows("b", 100))
+    specs = [{"path": str(small), "subsample": 0.5}, {"path": str(large), "subsample": 0.2}]
 
     mixture = load_preference_dataset(specs, test_size=10, seed=3)
     assert (mixture.num_rows["train"], mixture.num_rows["test"]) == (30, 10)
@@ -254,20 +255,50 @@ def test_mixture_takes_fractions_and_is_deterministic(tmp_path):
     assert list(other_seed["train"]["prompt"]) != list(mixture["train"]["prompt"])
 
 
-def test_held_out_split_comes_from_the_source_when_asked(tmp_path):
+def test_fraction_is_trls_share_of_the_mixture(tmp_path):
+    """TRL's meaning: shares normalised to 1, the largest mixture that repeats no row, each source's first rows
+    (40 and 100 rows at shares 1:3 → 33 + 100, limited by the large source)."""
+    small = write_jsonl(tmp_path / "small.jsonl", mixture_rows("a", 40))
+    large = write_jsonl(tmp_path / "large.jsonl", mixture_rows("b", 100))
+    mixture = load_preference_dataset(
+        [{"path": str(small), "fraction": 0.25}, {"path": str(large), "fraction": 0.75}], test_size=0, seed=0
+    )
+    prompts = list(mixture["train"]["prompt"])
+    assert sorted(p for p in prompts if p.startswith("a")) == sorted(f"a{i}" for i in range(33))
+    assert len(prompts) == 133
+    with pytest.raises(ValueError, match="must be set on every datasets entry or on none"):
+        load_preference_dataset([{"path": str(small), "fraction": 0.5}, str(large)])
+
+
+def test_trl_entry_fields_columns_and_data_files(tmp_path):
+    rows = [{"prompt": f"q{i}", "chosen": "x", "rejected": "y", "score": i} for i in range(6)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    mixture = load_preference_dataset(
+        [{"path": "json", "data_files": str(path), "columns": ["prompt", "chosen", "rejected"]}], test_size=0
+    )
+    assert sorted(mixture["train"]["prompt"]) == [f"q{i}" for i in range(6)]
+    with pytest.raises(DataFormatError, match=r"columns \['answer'\] not found"):
+        load_preference_dataset([{"path": str(path), "columns": ["answer"]}])
+    with pytest.raises(DataFormatError, match="data_files entry .*missing.jsonl: no such file"):
+        load_preference_dataset([{"path": "json", "data_files": str(tmp_path / "missing.jsonl")}])
+
+
+def test_held_out_split_comes_from_the_source_when_asked(tmp_path, caplog):
     folder = tmp_path / "hh"
     write_jsonl(folder / "train.jsonl", [hh_row(i) for i in range(20)])
     write_jsonl(folder / "test.jsonl", [hh_row(100 + i) for i in range(5)])
     extra = write_jsonl(tmp_path / "extra.jsonl", [preference_row(200 + i) for i in range(10)])
 
-    mixture = load_preference_dataset([{"path": str(folder), "eval_split": "test"}, str(extra)], test_size=0.2, seed=0)
+    mixture = load_preference_dataset([{"path": str(folder), "test_split": "test"}, str(extra)], test_size=0.2, seed=0)
     assert (mixture.num_rows["train"], mixture.num_rows["test"]) == (28, 7)
     test_prompts = list(mixture["test"]["prompt"])
     assert sum(f"question {100 + i}?" in prompt for prompt in test_prompts for i in range(5)) == 5
     assert sum(prompt.startswith("question 2") for prompt in test_prompts) == 2
 
-    with pytest.raises(DataFormatError, match="single file has no 'test' split"):
-        load_preference_dataset({"path": str(extra), "eval_split": "test"})
+    # a single file has no test split: test_size of its rows are held out, and one line says so
+    single = load_preference_dataset({"path": str(extra), "test_split": "test"}, test_size=0.2, seed=0)
+    assert (single.num_rows["train"], single.num_rows["test"]) == (8, 2)
+    assert any("is a single file, so it has no 'test' split" in r.message for r in caplog.records)
 
 
 def test_explicit_format_names_missing_columns(tmp_path):
@@ -341,13 +372,15 @@ def test_parquet_csv_and_gzip_files_load(tmp_path, suffix):
 
 def test_dataset_spec_from_any():
     assert DatasetSpec.from_any("data.jsonl") == DatasetSpec(path="data.jsonl")
-    spec = DatasetSpec.from_any({"path": "Anthropic/hh-rlhf", "data_dir": "harmless-base", "fraction": 0.1})
-    assert (spec.path, spec.data_dir, spec.fraction) == ("Anthropic/hh-rlhf", "harmless-base", 0.1)
+    spec = DatasetSpec.from_any({"path": "Anthropic/hh-rlhf", "data_dir": "harmless-base", "subsample": 0.1})
+    assert (spec.path, spec.data_dir, spec.subsample) == ("Anthropic/hh-rlhf", "harmless-base", 0.1)
     assert spec.split == "train"
     assert DatasetSpec.from_any(spec) is spec
-    with pytest.raises(ValueError, match="unknown dataset spec keys \\['fracton'\\]"):
+    with pytest.raises(ValueError, match="unknown datasets entry keys \\['fracton'\\]"):
         DatasetSpec.from_any({"path": "x.jsonl", "fracton": 0.5})
-    with pytest.raises(ValueError, match="fraction must be in"):
+    with pytest.raises(ValueError, match="subsample must be in"):
+        DatasetSpec(path="x.jsonl", subsample=0)
+    with pytest.raises(ValueError, match="fraction .* must be > 0"):
         DatasetSpec(path="x.jsonl", fraction=0)
     with pytest.raises(ValueError, match="unknown format 'dpo'"):
         DatasetSpec(path="x.jsonl", format="dpo")

@@ -7,6 +7,7 @@ pooled; `read_split` gives one split as stored, for evaluation.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import gzip
 import logging
 import os
@@ -22,33 +23,47 @@ from .formats import FORMATS, DataFormatError, normalize_dataset
 
 logger = logging.getLogger(__name__)
 
+PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # their data_files are local files (or URLs)
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @dataclass
 class DatasetSpec:
-    """One source of a data mixture, as written in a recipe.
+    """One source of a data mixture, as written in a recipe: TRL's `DatasetConfig` fields, plus ours.
 
-    ``path`` is a Hub id, a local folder, or a local .json/.jsonl/.parquet/.csv file
-    (optionally .gz); a single file is one split, so ``split`` applies to Hub ids and
-    folders only. ``eval_split`` names the source's own held-out split (e.g. hh-rlhf's
-    "test"); without it, held-out rows are carved out of ``split``.
+    TRL's: ``path`` is a Hub id, a local folder, a local .json/.jsonl/.parquet/.csv file (optionally .gz), or a
+    `datasets` builder (``json``, ``csv``, ...) with ``data_files``; ``name`` and ``data_dir`` as in
+    `datasets.load_dataset`; ``split`` (a single file is one split, so it applies to the others only); ``columns``
+    keeps only these columns; ``fraction`` is TRL's share of this source in the mixture (set on every source or on
+    none: shares are normalised to sum to 1, and the mixture is as large as it can be without repeating a row, each
+    source giving its first rows).
+
+    Ours: ``subsample`` keeps a random share of this source's rows (the alignment-handbook's ``weight``);
+    ``format`` forces a row shape instead of detecting it; ``test_split`` names the source's own held-out split
+    (e.g. hh-rlhf's "test"); without it, held-out rows are carved out of ``split``.
     """
 
     path: str
-    split: str = "train"
-    fraction: float = 1.0
-    format: str | None = None
     name: str | None = None
     data_dir: str | None = None
-    eval_split: str | None = None
+    data_files: str | list[str] | dict[str, str] | None = None
+    split: str = "train"
+    columns: list[str] | None = None
+    fraction: float | None = None
+    subsample: float = 1.0
+    format: str | None = None
+    test_split: str | None = None
 
     def __post_init__(self) -> None:
         self.path = os.fspath(self.path)
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"{self.path}: fraction must be in (0, 1], got {self.fraction}")
+        if self.fraction is not None and not self.fraction > 0:
+            raise ValueError(f"{self.path}: fraction (its share of the mixture) must be > 0, got {self.fraction}")
+        if not 0 < self.subsample <= 1:
+            raise ValueError(f"{self.path}: subsample must be in (0, 1], got {self.subsample}")
         if self.format is not None and self.format not in FORMATS:
             raise ValueError(f"{self.path}: unknown format {self.format!r}; expected one of {list(FORMATS)}")
+        if isinstance(self.columns, str):
+            self.columns = [self.columns]
 
     @classmethod
     def from_any(cls, spec: SpecLike) -> DatasetSpec:
@@ -61,7 +76,7 @@ class DatasetSpec:
             known = {f.name for f in fields(cls)}
             unknown = sorted(set(spec) - known)
             if unknown:
-                raise ValueError(f"unknown dataset spec keys {unknown}; expected some of {sorted(known)}")
+                raise ValueError(f"unknown datasets entry keys {unknown}; expected some of {sorted(known)}")
             return cls(**spec)
         raise TypeError(f"cannot make a DatasetSpec from {type(spec).__name__}: {spec!r}")
 
@@ -137,16 +152,45 @@ def read_split(spec: DatasetSpec, split: str) -> Dataset:
                 f"{spec.path} holds data files of several kinds ({found}), of which only one kind would be read; "
                 "keep one kind in the folder, or list the files as a mixture (datasets: [{path: ...}, ...])"
             )
+    elif spec.data_files is not None:  # a builder ("json", ...) or a Hub id, reading the files named
+        for file in _listed_files(spec.data_files):
+            local_file = Path(file).expanduser()
+            if local_file.is_file():
+                _check_file(local_file, _file_builder(local_file.name))
+            elif spec.path in PACKAGED_BUILDERS and "://" not in file and not any(c in file for c in "*?["):
+                raise DataFormatError(f"{spec.path}: data_files entry {file}: no such file")
     elif not looks_like_hub_id(spec.path):
         raise DataFormatError(f"{spec.path}: no such file or directory")
-    return load_dataset(spec.path, spec.name, split=split, data_dir=spec.data_dir)
+    return load_dataset(spec.path, spec.name, split=split, data_dir=spec.data_dir, data_files=spec.data_files)
 
 
-def _take_fraction(dataset: Dataset, fraction: float, seed: int) -> Dataset:
-    if fraction == 1:
+def _listed_files(data_files: str | list[str] | dict[str, Any]) -> list[str]:
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, Mapping):
+        return [f for value in data_files.values() for f in _listed_files(value)]
+    return list(data_files)
+
+
+def _subsample(dataset: Dataset, share: float, seed: int) -> Dataset:
+    if share == 1:
         return dataset
-    count = max(1, round(fraction * len(dataset)))
+    count = max(1, round(share * len(dataset)))
     return dataset.shuffle(seed=seed).select(range(count))
+
+
+def _mixture_shares(parts: list[Dataset], specs: list[DatasetSpec]) -> list[Dataset]:
+    """TRL's `fraction`: shares normalised to 1; the largest mixture that repeats no row; each source's first rows."""
+    fractions = [spec.fraction for spec in specs]
+    if all(f is None for f in fractions):
+        return parts
+    weights = [f / sum(fractions) for f in fractions]
+    total = min(len(part) / weight for part, weight in zip(parts, weights))
+    logger.info(
+        "mixture by fraction: %s rows",
+        ", ".join(f"{spec.path} {round(w * total)}" for spec, w in zip(specs, weights)),
+    )
+    return [part.select(range(round(w * total))) for part, w in zip(parts, weights)]
 
 
 def _load_mixture(
@@ -160,10 +204,10 @@ def _load_mixture(
 ) -> DatasetDict:
     """Normalise, filter and subsample every source, then build train and test splits.
 
-    Sources with an ``eval_split`` bring their own held-out rows; ``test_size`` (a share
-    or a row count) is carved, with ``seed``, out of the pooled rows of the others, and
-    ``test_size=0`` holds nothing out.
-    """
+    Sources with a ``test_split`` bring their own held-out rows (a single file has none: its rows are pooled, with a
+    warning); ``test_size`` (a share or a row count) is carved, with ``seed``, out of the pooled rows of the others,
+    and ``test_size=0`` holds nothing out. The tokenizer, if given, checks that conversational rows have a chat
+    template, and with ``max_prompt_length`` measures prompts."""
     if max_prompt_length is not None and tokenizer is None:
         raise ValueError("max_prompt_length needs a tokenizer to count prompt tokens")
     if isinstance(specs, (DatasetSpec, str, os.PathLike, Mapping)):
@@ -171,28 +215,45 @@ def _load_mixture(
     specs = [DatasetSpec.from_any(spec) for spec in specs]
     if not specs:
         raise ValueError("no datasets given")
+    if len({spec.fraction is None for spec in specs}) > 1:
+        raise ValueError("fraction (a source's share of the mixture) must be set on every datasets entry or on none")
 
     def prepare(spec: DatasetSpec, split: str) -> Dataset:
         source = spec.path if Path(spec.path).expanduser().is_file() else f"{spec.path} ({split} split)"
+        raw = read_split(spec, split)
+        if spec.columns is not None:
+            missing = [c for c in spec.columns if c not in raw.column_names]
+            if missing:
+                raise DataFormatError(f"{source}: columns {missing} not found (it has {raw.column_names})")
+            raw = raw.select_columns(spec.columns)
         rows, _ = normalize_dataset(
-            read_split(spec, split),
+            raw,
             target,
             format=spec.format,
             source=source,
             tokenizer=tokenizer,
             max_prompt_length=max_prompt_length,
         )
-        return _take_fraction(rows, spec.fraction, seed)
+        return _subsample(rows, spec.subsample, seed)
 
-    train_parts, test_parts, pooled = [], [], []
+    own_test = []
     for spec in specs:
-        if spec.eval_split is None:
-            pooled.append(prepare(spec, spec.split))
-        else:
-            if Path(spec.path).expanduser().is_file():
-                raise DataFormatError(f"{spec.path}: a single file has no {spec.eval_split!r} split; drop eval_split")
-            train_parts.append(prepare(spec, spec.split))
-            test_parts.append(prepare(spec, spec.eval_split))
+        if spec.test_split is not None and Path(spec.path).expanduser().is_file():
+            logger.warning(
+                "%s is a single file, so it has no %r split: %s of its rows are held out instead (unset "
+                "dataset_test_split, or test_split in its datasets entry, to stop this line)",
+                spec.path,
+                spec.test_split,
+                test_size,
+            )
+            spec = dataclasses.replace(spec, test_split=None)
+        own_test.append(spec)
+    specs = own_test
+    trained = _mixture_shares([prepare(spec, spec.split) for spec in specs], specs)
+    train_parts = [part for part, spec in zip(trained, specs) if spec.test_split is not None]
+    pooled = [part for part, spec in zip(trained, specs) if spec.test_split is None]
+    test_parts = [prepare(spec, spec.test_split) for spec in specs if spec.test_split is not None]
+    check_one_row_form(train_parts + pooled + test_parts, specs)
     if pooled and test_size:
         carved = concatenate_datasets(pooled).train_test_split(test_size=test_size, seed=seed)
         train_parts.append(carved["train"])
@@ -204,6 +265,16 @@ def _load_mixture(
         train=concatenate_datasets(train_parts).shuffle(seed=seed),
         test=concatenate_datasets(test_parts).shuffle(seed=seed),
     )
+
+
+def check_one_row_form(parts: list[Dataset], specs: list[DatasetSpec]) -> None:
+    """`datasets` would fail to pool string rows with message-list rows in a long 'features can't be aligned'."""
+    if len({tuple(sorted((k, str(v)) for k, v in part.features.items())) for part in parts}) > 1:
+        raise DataFormatError(
+            "cannot mix sources of string rows and conversational (message-list) rows in one mixture: "
+            + ", ".join(spec.path for spec in specs)
+            + "; convert one kind, or train on them separately"
+        )
 
 
 def load_preference_dataset(
@@ -235,6 +306,7 @@ def load_sft_dataset(
     seed: int = 42,
     test_size: float | int = 0.05,
     completion_only: bool = False,
+    tokenizer: Any = None,
 ) -> DatasetDict:
     """Load an SFT mixture as ``train``/``test`` splits with ``text``, or with ``prompt`` and
     ``completion`` when ``completion_only`` (so TRL trains on the completion tokens only).
@@ -242,4 +314,4 @@ def load_sft_dataset(
     Preference sources contribute their prompt and chosen reply.
     """
     target = "prompt-completion" if completion_only else "text"
-    return _load_mixture(specs, target, seed=seed, test_size=test_size)
+    return _load_mixture(specs, target, seed=seed, test_size=test_size, tokenizer=tokenizer)
