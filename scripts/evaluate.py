@@ -2,6 +2,8 @@
 
     python scripts/evaluate.py POLICY --data PATH_OR_HUB_ID [--reference REF] [--judge_model RM] ...
 
+Conversational pairs (message lists) are rendered through the policy tokenizer's chat template (`--chat_template`).
+
 `python scripts/evaluate.py --help` lists every option; the command lives in `alignment.evaluation.report`.
 """
 

@@ -1,7 +1,9 @@
-"""Sample replies from a causal LM checkpoint, or chat with it in the HH dialogue format.
+"""Sample replies from a causal LM checkpoint, or chat with it through its chat template (HH text for GPT-2).
 
     python scripts/generate.py CHECKPOINT [--prompt TEXT | --prompts_file FILE] [--num_samples 10] [--greedy] ...
-    python scripts/generate.py CHECKPOINT --chat
+    python scripts/generate.py CHECKPOINT --chat [--chat_template hh|chatml|FILE]
+
+A prompts file (.jsonl/.json) may hold conversations (lists of messages); they go through the chat template.
 
 `python scripts/generate.py --help` lists every option; the command lives in `alignment.evaluation.sampling`.
 """

@@ -23,7 +23,7 @@ from .judging import (
     win_rate_from_counts,
 )
 from .loading import check_checkpoint, load_causal_lm, load_preference_pairs, load_reward_model
-from .scoring import PreferenceScores, fit_pairs, preference_scores, reply_logps
+from .scoring import PreferenceScores, fit_pairs, preference_scores, reply_logps, text_pairs
 
 __all__ = [
     "HH_ASSISTANT",
@@ -43,6 +43,7 @@ __all__ = [
     "preference_scores",
     "reply_logps",
     "reward_model_judge",
+    "text_pairs",
     "wilson_interval",
     "win_rate_from_counts",
 ]

@@ -1,12 +1,16 @@
-"""Replies to prompts with the KV cache, greedy or sampled, stopping at end-of-text (or at a stop text)."""
+"""Replies to prompts with the KV cache, greedy or sampled, stopping at end-of-text (or at a stop text). A prompt is
+a string, used as it is, or a conversation (a list of messages), rendered through the tokenizer's chat template."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..modeling.chat_templates import render_prompt, stop_token_ids
 
 
 def cut_at(text: str, stop: str | None) -> str:
@@ -18,7 +22,7 @@ def cut_at(text: str, stop: str | None) -> str:
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[Mapping[str, Any]]],
     *,
     max_new_tokens: int = 50,
     do_sample: bool = False,
@@ -30,7 +34,8 @@ def generate(
     stop_at: str | None = None,
     progress: bool = False,
 ) -> list[list[str]]:
-    """Replies to each prompt (left-padded batches, KV cache, stop at end-of-text); one list per prompt.
+    """Replies to each prompt (left-padded batches, KV cache, stop at end-of-text or at the chat template's
+    end-of-turn token such as `<|im_end|>`); one list per prompt. Conversations go through `render_prompt`.
 
     `stop_at` cuts each reply at the first occurrence of that text (e.g. `HH_HUMAN`); `progress` shows a tqdm bar.
     Greedy decoding gives one reply per prompt whatever `num_return_sequences` says. Seed with
@@ -41,18 +46,20 @@ def generate(
     if not do_sample:
         num_return_sequences = 1
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    stops = stop_token_ids(tokenizer)
     settings = dict(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         num_return_sequences=num_return_sequences,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stops if len(stops) > 1 else tokenizer.eos_token_id,
         use_cache=True,
     )
     if do_sample:
         settings.update(temperature=temperature, top_k=top_k, top_p=top_p)
     else:  # a checkpoint's generation_config may ask for sampling settings; greedy ignores them without warnings
         settings.update(temperature=None, top_k=None, top_p=None)
+    prompts = [render_prompt(tokenizer, prompt) for prompt in prompts]
     replies: list[list[str]] = []
     starts = range(0, len(prompts), batch_size)
     try:

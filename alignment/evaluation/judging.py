@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..common import HH_HUMAN
+from ..modeling.chat_templates import render_prompt
 from ..modeling.loading import model_max_length
 from ..modeling.tokenizer import ensure_pad_token
 from .generation import generate
@@ -87,7 +88,7 @@ def judged_win_rate(
     policy: PreTrainedModel,
     reference: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[dict[str, Any]]],
     judge: Judge,
     *,
     tie_tolerance: float = 0.0,
@@ -101,8 +102,10 @@ def judged_win_rate(
     get the same); replies stop at `stop_at`, by default the start of a new HH turn ("\\n\\nHuman:"). The interval
     is the Wilson score interval of (wins + ties / 2) out of all prompts: ties count as half a win (see `WinRate`).
     A judge with a `score_batch(prompts, replies)` method (as `reward_model_judge` returns) is called in batches.
+    Conversational prompts (lists of messages) are rendered through the tokenizer's chat template first, so both
+    models and the judge see the same text.
     """
-    prompts = list(prompts)
+    prompts = [render_prompt(tokenizer, prompt) for prompt in prompts]
     if not prompts:
         raise ValueError("no prompts: the win rate needs at least one")
     generation_kwargs.setdefault("stop_at", HH_HUMAN)

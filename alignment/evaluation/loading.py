@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 
 from ..common import looks_like_hub_id
 from ..data import DatasetSpec, normalize_dataset, read_split
+from ..modeling.chat_templates import set_chat_template
 from ..modeling.loading import (
     TOKENIZER_FILES,
     check_compatible,
@@ -42,12 +43,15 @@ def load_causal_lm(
     model_implementation: str = "alignment",
     revision: str | None = None,
     device: str | torch.device | None = None,
+    chat_template: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM checkpoint (local folder or Hub id) and its tokenizer, loaded as the training pipeline loads them.
 
     GPT-2 checkpoints (ours or transformers'/OpenAI's) load into our GPT-2 class unless `model_implementation` is
     "transformers"; anything else through `AutoModelForCausalLM`. The tokenizer is `tokenizer_name_or_path`, else
     the checkpoint's own, else GPT-2's. The checkpoint is checked first, so a wrong path gets an error naming it.
+    `chat_template` (a built-in name or a Jinja file, see `set_chat_template`) replaces the tokenizer's template,
+    for checkpoints saved without the one they were trained with; one needing tokens the model lacks is refused.
     """
     check_checkpoint(os.fspath(name_or_path))
     path = os.path.expanduser(os.fspath(name_or_path))
@@ -55,6 +59,13 @@ def load_causal_lm(
         path, revision=revision, dtype=dtype, implementation=model_implementation, trust_remote_code=trust_remote_code
     )
     tokenizer = load_tokenizer(tokenizer_source(path, tokenizer_name_or_path))
+    added = set_chat_template(tokenizer, chat_template)
+    if added and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        new = ", ".join(tokenizer.convert_ids_to_tokens(added))
+        raise ValueError(
+            f"chat template {chat_template!r} needs the tokens {new}, which {name_or_path} has no embeddings for: "
+            "it was not trained with this template"
+        )
     check_compatible(model, tokenizer, None)
     if device is not None:
         model.to(device)

@@ -33,6 +33,12 @@ def command_parser(prog: str, usage: str) -> ArgumentParser:
 def add_loading_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The command-line options of `load_causal_lm`, shared by scripts/generate.py and scripts/evaluate.py."""
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the checkpoint's)")
+    parser.add_argument(
+        "--chat_template",
+        default=None,
+        help="chat template for conversational prompts: hh, chatml or a Jinja file (default: the tokenizer's own; "
+        "hh for GPT-2's tokenizer without one)",
+    )
     parser.add_argument("--trust_remote_code", action="store_true", help="allow model code from the checkpoints")
     parser.add_argument(
         "--model_implementation",
@@ -59,6 +65,7 @@ def loading_kwargs(args: argparse.Namespace, device: torch.device) -> dict[str, 
         dtype=args.dtype,
         model_implementation=args.model_implementation,
         device=device,
+        chat_template=args.chat_template,
     )
 
 

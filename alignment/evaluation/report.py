@@ -12,6 +12,7 @@ from typing import Any
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..modeling.chat_templates import render_prompt, resolve_chat_template
 from ..modeling.loading import model_max_length
 from .judging import Judge, judged_win_rate
 from .loading import check_checkpoint, load_causal_lm, load_preference_pairs, load_reward_model
@@ -26,7 +27,7 @@ from .options import (
     pick_device,
     write_json,
 )
-from .scoring import fit_pairs, preference_scores
+from .scoring import fit_pairs, preference_scores, text_pairs
 
 USAGE = """Score a policy on held-out preference pairs against a reference, and optionally a judged win rate.
 
@@ -37,7 +38,9 @@ USAGE = """Score a policy on held-out preference pairs against a reference, and 
 POLICY and REF are checkpoint folders or Hub ids (any transformers causal LM; GPT-2 ones load into our GPT-2 class).
 The data is any preference source `alignment.data` reads: a local .jsonl/.json/.parquet/.csv file (one split, so
 `--split` is ignored), a folder or a Hub id (`--split`, default "test"), in the hh, rm-static, stack-exchange or TRL
-preference shape. Pairs longer than the models' positions are left out (and counted) rather than truncated.
+preference shape; conversational pairs (message lists) go through the policy tokenizer's chat template as the DPO
+trainer renders them (`--chat_template` picks another). Pairs longer than the models' positions are left out (and
+counted) rather than truncated.
 
 Printed as a table and written with `--output_json`:
   * with a reference: implicit-reward accuracy (β·log π/π_ref higher for the chosen reply), mean reward margin and
@@ -104,6 +107,7 @@ def check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--temperature must be positive, got {args.temperature} (use --greedy)")
     check_top_p(args.top_p)
     check_output_json(args.output_json)
+    resolve_chat_template(args.chat_template)
     for path, what in ((args.policy, "policy"), (args.reference, "reference"), (args.judge_model, "judge")):
         if path is not None:
             check_checkpoint(path, what)
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for n in (args.max_length, *(model_max_length(m) for m in (policy, reference) if m is not None))
         if n is not None
     ]
+    pairs = text_pairs(pairs, tokenizer)  # conversations through the policy's chat template, as DPO trains on them
     pairs, too_long = fit_pairs(pairs, tokenizer, min(limits) if limits else None)
     if not pairs:
         raise ValueError(
@@ -167,12 +172,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def judge_prompts(
-    pairs: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, count: int, max_new_tokens: int, limit: int
+    pairs: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, count: int, max_new_tokens: int, limit: int
 ) -> list[str]:
-    """The first `count` distinct prompts of the pairs that leave room for `max_new_tokens` within `limit`."""
+    """The first `count` distinct prompts of the pairs that leave room for `max_new_tokens` within `limit`, as text
+    (a conversational prompt rendered through the chat template)."""
     prompts: list[str] = []
     for row in pairs:
-        prompt = row["prompt"]
+        prompt = render_prompt(tokenizer, row["prompt"])
         if prompt not in prompts and len(tokenizer(prompt)["input_ids"]) + max_new_tokens <= limit:
             prompts.append(prompt)
         if len(prompts) == count:

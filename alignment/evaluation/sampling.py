@@ -1,6 +1,7 @@
-"""The generate command behind scripts/generate.py: its options, prompts from the command line or a prompts file,
-samples printed between separators, and the HH chat loop (the dialogue so far as the prompt, oldest turns forgotten
-before the model's positions run out). `generation.generate` does the decoding."""
+"""The generate command behind scripts/generate.py: its options, prompts from the command line or a prompts file (text,
+or conversations rendered through the tokenizer's chat template), samples printed between separators, and the chat
+loop (the dialogue so far, through the chat template, as the prompt, oldest turns forgotten before the model's
+positions run out). `generation.generate` does the decoding."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any, TextIO
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..common import HH_ASSISTANT, HH_HUMAN
+from ..common import HH_HUMAN
+from ..modeling.chat_templates import is_conversation, render_prompt, resolve_chat_template
 from ..modeling.loading import model_max_length
 from .generation import cut_at, generate
 from .loading import load_causal_lm
@@ -29,7 +31,7 @@ from .options import (
     write_json,
 )
 
-USAGE = """Sample replies from a causal LM checkpoint, or chat with it in the HH dialogue format.
+USAGE = """Sample replies from a causal LM checkpoint, or chat with it through its chat template (HH text for GPT-2).
 
     python scripts/generate.py CHECKPOINT [--prompt TEXT | --prompts_file FILE] [--num_samples 10]
         [--max_new_tokens 50] [--temperature 0.9] [--top_k 200] [--top_p 1.0] [--greedy] [--seed N]
@@ -39,13 +41,18 @@ USAGE = """Sample replies from a causal LM checkpoint, or chat with it in the HH
 CHECKPOINT is a local folder or a Hub id: ours, an official GPT-2 (loaded into our GPT-2 class) or any transformers
 causal LM (`--trust_remote_code` for models whose code lives in the checkpoint). The default prompt is the
 assignment's "Human: Hello, my name is Kate. What is your name?\\n\\nAssistant:". A prompts file holds one prompt per
-line, or is a .jsonl/.json file of objects with a "prompt" field; in `--prompt` and in a plain prompts file a literal
-\\n stands for a newline. Generation uses the KV cache and stops at end-of-text. Each sample is printed as prompt +
-reply, with a line of dashes between samples; `--output_json` also writes them as JSON. `--greedy` gives one reply
-per prompt.
+line, or is a .jsonl/.json file whose items are prompts: a text, a conversation (a list of {"role", "content"}
+messages), or an object whose "prompt" (text or conversation) or "messages" field holds one. Text prompts are used
+as they are (in `--prompt` and in a plain prompts file a literal \\n stands for a newline); conversations go through
+the tokenizer's chat template with the generation prompt (GPT-2's tokenizer renders them as HH text: "\\n\\nHuman:
+...\\n\\nAssistant:"). Generation uses the KV cache and stops at end-of-text (or the template's end-of-turn token).
+Each sample is printed as prompt + reply, with a line of dashes between samples; `--output_json` also writes them as
+JSON. `--greedy` gives one reply per prompt.
 
-`--chat` keeps the whole dialogue as the prompt: each user line adds "\\n\\nHuman: LINE\\n\\nAssistant:", and the reply
-is cut where the model starts the next "\\n\\nHuman:" turn. Reading stops at end of input, an empty line or "exit".
+`--chat` keeps the whole dialogue as the prompt, rendered through the tokenizer's chat template (`--chat_template`
+picks another; a tokenizer without one gets the HH one): with HH each user line adds "\\n\\nHuman: LINE\\n\\nAssistant:",
+and the reply is cut where the model starts the next "\\n\\nHuman:" turn. Reading stops at end of input, an empty line
+or "exit".
 """
 
 DEFAULT_PROMPT = "Human: Hello, my name is Kate. What is your name?\n\nAssistant:"
@@ -60,8 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--prompt", default=None, help="the prompt, \\n for a newline (default: the assignment's Kate prompt)"
     )
-    source.add_argument("--prompts_file", default=None, help="one prompt per line, or .jsonl/.json with 'prompt'")
-    parser.add_argument("--chat", action="store_true", help="interactive HH dialogue, reading user lines from stdin")
+    source.add_argument(
+        "--prompts_file", default=None, help="one prompt per line, or .jsonl/.json of texts or conversations"
+    )
+    parser.add_argument(
+        "--chat", action="store_true", help="interactive dialogue through the chat template, user lines from stdin"
+    )
     parser.add_argument(
         "--num_samples", type=int, default=None, help="samples per prompt (default 10; 1 with --greedy)"
     )
@@ -86,12 +97,17 @@ def check_options(args: argparse.Namespace) -> None:
     if args.chat and (args.prompt is not None or args.prompts_file is not None):
         raise ValueError("--chat reads the dialogue from stdin; drop --prompt/--prompts_file")
     check_output_json(args.output_json)
+    resolve_chat_template(args.chat_template)  # an unknown template fails before the model loads
     if args.prompts_file:
         read_prompts(args.prompts_file)  # a bad prompts file fails before the model loads
 
 
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a text file (one a line, "\\n" escapes newlines), a .jsonl file or a .json list."""
+Prompt = str | list[dict[str, Any]]
+
+
+def read_prompts(path: str) -> list[Prompt]:
+    """Prompts from a text file (one a line, "\\n" escapes newlines), a .jsonl file or a .json list; the JSON ones may
+    be conversations (lists of messages)."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
@@ -126,12 +142,27 @@ def unescape(text: str | None) -> str | None:
     return None if text is None else text.replace("\\n", "\n")
 
 
-def _prompt_of(row: Any, where: str) -> str:
+def _prompt_of(row: Any, where: str) -> Prompt:
+    """A text, a conversation, or the one an object's "prompt" (else "messages") field holds."""
+    if isinstance(row, dict):
+        row = row.get("prompt", row.get("messages"))
     if isinstance(row, str):
         return row
-    if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-        return row["prompt"]
-    raise ValueError(f"{where} has no text 'prompt' field")
+    if isinstance(row, list) and row:
+        return _messages(row, where)
+    raise ValueError(f"{where} has no 'prompt' (text or messages) nor 'messages' field")
+
+
+def _messages(row: list[Any], where: str) -> list[dict[str, Any]]:
+    """A conversation's messages, each with a text role and content, so the template never meets a bad one."""
+    for number, message in enumerate(row, 1):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise ValueError(f"{where}: message {number} should be an object with text 'role' and 'content' fields")
+    return row
 
 
 def check_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int) -> None:
@@ -147,7 +178,8 @@ def check_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
 
 def sample(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """Replies to the prompt (or to each prompt of the file), printed as prompt + reply between separators."""
-    prompts = read_prompts(args.prompts_file) if args.prompts_file else [unescape(args.prompt) or DEFAULT_PROMPT]
+    given = read_prompts(args.prompts_file) if args.prompts_file else [unescape(args.prompt) or DEFAULT_PROMPT]
+    prompts = [render_prompt(tokenizer, prompt) for prompt in given]
     for prompt in prompts:
         check_length(model, tokenizer, prompt, args.max_new_tokens)
     num_samples = args.num_samples or (1 if args.greedy else 10)
@@ -155,7 +187,11 @@ def sample(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTrain
         print("note: greedy decoding gives one reply per prompt; --num_samples ignored", file=sys.stderr)
         num_samples = 1
     replies = generate(model, tokenizer, prompts, num_return_sequences=num_samples, **generation_settings(args))
-    samples = [{"prompt": prompt, "reply": reply} for prompt, group in zip(prompts, replies) for reply in group]
+    samples = [
+        {"prompt": prompt, "reply": reply, **({"messages": source} if is_conversation(source) else {})}
+        for source, prompt, group in zip(given, prompts, replies)
+        for reply in group
+    ]
     for i, item in enumerate(samples):
         if i:
             print(SEPARATOR)
@@ -166,7 +202,7 @@ def sample(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTrain
 def chat(
     args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stdin: TextIO | None = None
 ) -> dict[str, Any]:
-    """The HH dialogue loop: one reply per user line, the whole dialogue so far as the prompt."""
+    """The dialogue loop: one reply per user line, the whole dialogue so far through the chat template as the prompt."""
     stdin = stdin if stdin is not None else sys.stdin
     interactive = stdin.isatty()
     settings = generation_settings(args)
@@ -185,24 +221,33 @@ def chat(
         if not interactive:
             print(f"Human: {user}")
         turns.append({"human": user, "assistant": ""})
-        prompt = dialogue(turns[first:])
+        prompt = render_prompt(tokenizer, conversation(turns[first:]))
         while (
             positions is not None
             and first < len(turns) - 1
             and len(tokenizer(prompt)["input_ids"]) + args.max_new_tokens > positions
         ):
             first += 1  # the model forgets the oldest turn rather than overflow its positions
-            prompt = dialogue(turns[first:])
+            prompt = render_prompt(tokenizer, conversation(turns[first:]))
         check_length(model, tokenizer, prompt, args.max_new_tokens)
         reply = cut_at(generate(model, tokenizer, [prompt], **settings)[0][0], HH_HUMAN).rstrip()
         turns[-1]["assistant"] = reply
         print(f"Assistant:{reply}", flush=True)
-    return {"dialogue": dialogue(turns), "turns": turns}
+    return {"dialogue": dialogue(tokenizer, turns), "turns": turns}
 
 
-def dialogue(turns: list[dict[str, str]]) -> str:
-    """The HH text of the turns so far, ending with "\\n\\nAssistant:" plus the last reply (empty while pending)."""
-    return "".join(f"{HH_HUMAN} {turn['human']}{HH_ASSISTANT}{turn['assistant']}" for turn in turns)
+def conversation(turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The turns as messages, ending with the last user line (its reply is the one to generate)."""
+    messages = []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn["human"]})
+        messages.append({"role": "assistant", "content": turn["assistant"].strip()})
+    return messages[:-1]
+
+
+def dialogue(tokenizer: PreTrainedTokenizerBase, turns: list[dict[str, str]]) -> str:
+    """The whole dialogue as text: the last prompt (all turns, through the chat template) plus the last reply."""
+    return render_prompt(tokenizer, conversation(turns)) + turns[-1]["assistant"] if turns else ""
 
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> dict[str, Any]:

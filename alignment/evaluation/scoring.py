@@ -18,11 +18,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl.data_utils import apply_chat_template
 
+from ..modeling.chat_templates import HH_TEMPLATE, is_conversation
 from ..training.layouts import ScoredTokens, prefix_sharing_problem, score_batch
 from ..training.logprobs import IGNORE_INDEX, add_logprob_head
 from ..training.losses import ReplyLogps, preference_loss
@@ -160,6 +163,25 @@ def shared_prefix_problem(
         if problem is not None:
             return problem
     return None
+
+
+def text_pairs(pairs: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> list[dict[str, str]]:
+    """The pairs as text: conversational ones rendered as TRL's DPO trainer renders them (the prompt with the
+    generation prompt, each reply the rest of its conversation; the `hh` template for a tokenizer without one), less
+    a final EOS the template writes, since scoring appends EOS to every reply as TRL does to text pairs."""
+    rendered = []
+    for row in pairs:
+        if is_conversation(row["chosen"]) or is_conversation(row["prompt"]):
+            template = {} if tokenizer.chat_template else {"chat_template": HH_TEMPLATE}
+            pair = {key: row[key] for key in ("prompt", "chosen", "rejected")}
+            row = apply_chat_template(pair, tokenizer, **template)
+            if tokenizer.eos_token:
+                row = {
+                    key: text.removesuffix(tokenizer.eos_token) if key != "prompt" else text
+                    for key, text in row.items()
+                }
+        rendered.append(row)
+    return rendered
 
 
 def fit_pairs(

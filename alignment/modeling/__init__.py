@@ -1,10 +1,19 @@
-"""The model: our GPT-2, its attention kernel, official-checkpoint conversion, the tokenizer, and model loading.
+"""The model: our GPT-2, its attention kernel, official-checkpoint conversion, the tokenizer and its chat templates,
+and model loading.
 May import `alignment.common` only. `attention.py`, `configuration_gpt2.py` and `modeling_gpt2.py` import nothing
 but torch and transformers, because they travel with saved checkpoints as remote code."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .attention import attention, build_visibility_mask, reference_attention, sdpa_attention
+from .chat_templates import (
+    CHAT_TEMPLATES,
+    fit_model_to_tokenizer,
+    render_prompt,
+    resolve_chat_template,
+    set_chat_template,
+    stop_token_ids,
+)
 from .configuration_gpt2 import GPT2_SIZES, AlignmentGPT2Config
 from .conversion import register_gpt2_conversion
 from .hf_attention import ATTN_IMPLEMENTATION, register_with_transformers
@@ -24,6 +33,7 @@ def register_auto_classes() -> None:
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "CHAT_TEMPLATES",
     "AlignmentGPT2Config",
     "AlignmentGPT2ForCausalLM",
     "AlignmentGPT2Model",
@@ -31,9 +41,14 @@ __all__ = [
     "GPT2_SIZES",
     "attention",
     "build_visibility_mask",
+    "fit_model_to_tokenizer",
     "reference_attention",
     "register_auto_classes",
     "register_gpt2_conversion",
     "register_with_transformers",
+    "render_prompt",
+    "resolve_chat_template",
     "sdpa_attention",
+    "set_chat_template",
+    "stop_token_ids",
 ]

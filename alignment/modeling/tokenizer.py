@@ -6,6 +6,10 @@ PyPI, so a machine that can reach PyPI but not the Hub can still rebuild the exa
 Hugging Face files (`vocab.json`, `vocab.bpe`) from it. Whisper itself is never installed
 or imported: pip only downloads the sdist and we read that one file out of the tarball.
 
+GPT-2's tokenizer has no chat template of its own; `load_tokenizer` gives it the `hh` one (the HH-RLHF text this
+project trains on, see `chat_templates.py`), so conversations render as the data does. Tokenizers that bring a
+template keep theirs.
+
 CLI: `python -m alignment.modeling.tokenizer --save DIR [--name gpt2]` writes a tokenizer folder
 that `load_tokenizer(DIR)` (or any `AutoTokenizer`) can load on a machine with no network.
 """
@@ -29,6 +33,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..common import default_cache_dir, hub_reachable
+from .chat_templates import HH_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +47,8 @@ RANKS_MEMBER = "whisper/assets/gpt2.tiktoken"
 # Pinned so a changed or corrupted download fails loudly instead of yielding a subtly different tokenizer.
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+# GPT-2's ids of " the", "Human" and "Assistant": together with end-of-text they tell its vocabulary apart.
+GPT2_PROBE_IDS = {"Ġthe": 262, "Human": 20490, "Assistant": 48902}
 
 # A dead network otherwise costs pip up to PIP_DEFAULT_TIMEOUT seconds times several retries.
 PIP_TIMEOUT_S = 15
@@ -227,7 +234,8 @@ def load_tokenizer(
     `name_or_path` is a local tokenizer folder or a Hub name; GPT-2 names also work with no
     Hub access (see the module docstring). A `pad_token` missing from the vocabulary is added,
     so the model's embeddings then need resizing to `len(tokenizer)`. `cache_dir` holds the
-    offline GPT-2 build (default `$ALIGNMENT_CACHE` or `~/.cache/alignment`).
+    offline GPT-2 build (default `$ALIGNMENT_CACHE` or `~/.cache/alignment`). GPT-2's tokenizer
+    without a chat template gets the `hh` one.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
@@ -236,10 +244,21 @@ def load_tokenizer(
         tokenizer.add_special_tokens({"pad_token": pad_token})
     else:
         ensure_pad_token(tokenizer)
+    if tokenizer.chat_template is None and has_gpt2_vocabulary(tokenizer):
+        tokenizer.chat_template = HH_TEMPLATE
     tokenizer.padding_side = padding_side
     for loading_detail in ("local_files_only", "is_local"):  # how it was loaded here, not how to load it elsewhere
         tokenizer.init_kwargs.pop(loading_detail, None)
     return tokenizer
+
+
+def has_gpt2_vocabulary(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """GPT-2's BPE (a Hub name, the offline build, or a checkpoint folder saved with it): end-of-text at 50256 and
+    GPT-2's ids for a few common tokens. Tokens added on top (e.g. a pad token) do not matter."""
+    vocabulary = tokenizer.get_vocab()
+    return vocabulary.get(EOS_TOKEN) == EOS_TOKEN_ID and all(
+        vocabulary.get(token) == token_id for token, token_id in GPT2_PROBE_IDS.items()
+    )
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
