@@ -29,7 +29,7 @@ BASE = {
     "max_length": 32,
     "max_steps": 1,
     "per_device_train_batch_size": 2,
-    "gradient_checkpointing": False,
+    "activation_checkpointing": False,
     "report_to": "none",
     "save_strategy": "no",
     "eval_strategy": "no",
@@ -217,17 +217,11 @@ CASES = {
         [],
         ["all 8 rows were dropped", "no prompt fits in 3 tokens", "raise max_length"],
     ),
-    "mixture fraction out of range": (
+    "mixture subsample out of range": (
         "sft",
-        {"datasets": [{"path": "{sft}", "fraction": 1.5}]},
+        {"datasets": [{"path": "{sft}", "subsample": 1.5}]},
         [],
-        ["fraction must be in (0, 1]", "got 1.5"],
-    ),
-    "held-out split of a single file": (
-        "sft",
-        {"dataset_test_split": "test"},
-        [],
-        ["a single file has no 'test' split"],
+        ["subsample must be in (0, 1]", "got 1.5"],
     ),
     # --- the model ---
     "model path that does not exist": (

@@ -97,7 +97,7 @@ def write_inputs(tmp_path: Path) -> tuple[Path, Path]:
         "per_device_train_batch_size": PER_DEVICE_BATCH,
         "max_steps": STEPS,
         "logging_steps": 1,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "eval_strategy": "no",
         "save_strategy": "no",
         "report_to": "none",

@@ -4,6 +4,7 @@ folder holds and that it loads without this package; one-line errors; no Hub, no
 import faulthandler
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.run.arguments import DataArguments, ModelArguments
 from alignment.run.cli import run_cli
@@ -30,7 +31,7 @@ COMMON = {
     "max_steps": 2,
     "per_device_train_batch_size": 4,
     "per_device_eval_batch_size": 4,
-    "gradient_checkpointing": False,
+    "activation_checkpointing": False,
     "report_to": "none",
     "save_strategy": "no",
     "logging_steps": 1,
@@ -474,6 +475,86 @@ def test_lora_dpo_saves_the_adapter_and_a_merged_model(runs, data, tmp_path, mon
     expected = logits(with_adapter)
     assert (expected - base_logits).abs().max() > 1e-4  # the adapter learned something
     torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=0)
+
+
+def test_lora_defaults_to_all_linear_past_gpt2(data, tmp_path, monkeypatch, gpt2_tokenizer):
+    """No lora_target_modules on a Llama: PEFT's all-linear (every projection, not the LM head), not GPT-2's names."""
+    from tests.conftest import tiny_causal_lms
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    llama = tmp_path / "llama"
+    tiny_causal_lms()["transformers-llama"]().save_pretrained(llama)
+    gpt2_tokenizer.save_pretrained(llama)
+    out = tmp_path / "lora"
+    run_cli(
+        run_dpo,
+        [data.dpo_recipe, f"--model_name_or_path={llama}", f"--output_dir={out}", "--use_peft=true", "--debug"],
+    )
+    targets = {
+        name.rsplit(".", 1)[-1] for name in json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    }
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # no lm_head
+
+
+def ultrafeedback_rows(n=12):
+    rows = []
+    for i in range(n):
+        question = f"What is {i % 7} + {i % 5}?"
+        turn = [{"role": "user", "content": question}]
+        rows.append({
+            "prompt": question, "prompt_id": str(i), "score_chosen": 8.0, "score_rejected": 3.0,
+            "chosen": turn + [{"role": "assistant", "content": str(i % 7 + i % 5)}],
+            "rejected": turn + [{"role": "assistant", "content": f"It is {i % 7 + i % 5 + 1}, I think."}],
+        })  # fmt: skip
+    return rows
+
+
+def test_the_recipe_past_gpt2_runs_on_a_stand_in(tmp_path, monkeypatch, gpt2_tokenizer):
+    """`recipes/smollm2_ultrafeedback.yaml` as shipped but for the Hub: a tiny Llama whose tokenizer brings its own
+    ChatML template, and UltraFeedback-shaped rows in a local file through the recipe's dataset_mixture."""
+    from alignment.modeling.chat_templates import set_chat_template
+    from tests.conftest import tiny_causal_lms
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tokenizer = gpt2_tokenizer.__class__.from_pretrained(gpt2_tokenizer.name_or_path)
+    set_chat_template(tokenizer, "chatml")
+    model = tiny_causal_lms()["transformers-llama"]()
+    model.resize_token_embeddings(len(tokenizer))
+    stand_in = tmp_path / "smollm2"
+    model.save_pretrained(stand_in)
+    tokenizer.save_pretrained(stand_in)
+    rows = write_jsonl(tmp_path / "ultrafeedback.jsonl", ultrafeedback_rows())
+    mixture = json.dumps({"datasets": [{"id": str(rows), "columns": ["prompt", "chosen", "rejected"]}]})
+    out = tmp_path / "run"
+    overrides = [f"--model_name_or_path={stand_in}", "--dtype=float32", f"--dataset_mixture={mixture}",
+                 "--max_steps=2", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1",
+                 "--activation_checkpointing=false", "--eval_strategy=no", "--save_strategy=no", "--report_to=none",
+                 "--push_to_hub=false", "--max_length=64", "--max_prompt_length=32", "--bf16=false",
+                 f"--output_dir={out}", "--debug"]  # fmt: skip
+    run_cli(run_dpo, [str(REPO / "recipes" / "smollm2_ultrafeedback.yaml"), *overrides])
+    results = json.loads((out / "train_results.json").read_text())
+    assert math.isfinite(results["train_loss"])
+    saved = AutoTokenizer.from_pretrained(out)
+    assert "<|im_start|>" in saved.chat_template and len(saved) == len(tokenizer)
+
+
+def test_chatml_on_gpt2_grows_the_embeddings_and_trains_the_new_tokens_with_lora(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = write_jsonl(tmp_path / "conversations.jsonl", ultrafeedback_rows())
+    out = tmp_path / "chatml"
+    run_cli(
+        run_dpo,
+        [data.dpo_recipe, "--model_config=gpt2", f"--model_config_overrides={json.dumps(TINY_MODEL)}",
+         f"--dataset_name={rows}", "--chat_template=chatml", "--use_peft=true", "--lora_r=4",
+         f"--output_dir={out}", "--debug"],
+    )  # fmt: skip
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["trainable_token_indices"] == [50257, 50258]  # the rows of <|im_start|> and <|im_end|>
+    from safetensors.torch import load_file
+
+    assert any("trainable_tokens" in key for key in load_file(out / "adapter_model.safetensors"))
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved.convert_tokens_to_ids("<|im_end|>") == 50258 and "<|im_start|>" in saved.chat_template
 
 
 # --- resuming ------------------------------------------------------------------------------------------------------

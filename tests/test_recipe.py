@@ -98,15 +98,15 @@ def test_yaml_scientific_notation_is_a_float(tmp_path):
 
 def test_lists_and_mappings_arrive_intact(tmp_path):
     mixture = [
-        {"path": "a.jsonl", "split": "train", "fraction": 0.5, "format": "preference"},
-        {"path": "org/hh", "name": "harmless", "eval_split": "test", "data_dir": "harmless-base"},
+        {"path": "a.jsonl", "split": "train", "subsample": 0.5, "format": "preference"},
+        {"path": "org/hh", "name": "harmless", "test_split": "test", "data_dir": "harmless-base"},
     ]
     text = f"""
 model_config: gpt2
 model_config_overrides: {{n_layer: 2, n_head: 4, n_embd: 64, n_positions: 128}}
 datasets:
-  - {{path: a.jsonl, split: train, fraction: 0.5, format: preference}}
-  - {{path: org/hh, name: harmless, eval_split: test, data_dir: harmless-base}}
+  - {{path: a.jsonl, split: train, subsample: 0.5, format: preference}}
+  - {{path: org/hh, name: harmless, test_split: test, data_dir: harmless-base}}
 loss_type: [sigmoid, ipo]
 loss_weights: [1, 0.5]
 lora_target_modules: [c_attn, c_proj]
@@ -318,3 +318,39 @@ def test_env_mapping_sets_environment_variables(tmp_path, monkeypatch):
 def test_env_that_is_not_a_mapping(tmp_path):
     message = one_line_error(DPO, [write(tmp_path, base(tmp_path, env=["A=1"]))])
     assert "'env'" in message and "mapping" in message
+
+
+def test_the_handbooks_dataset_mixture_and_trls_test_split_size(tmp_path):
+    text = f"""
+model_config: gpt2
+output_dir: {tmp_path / "out"}
+dataset_mixture:
+  datasets:
+    - {{id: HuggingFaceH4/ultrafeedback_binarized, split: train_prefs, columns: [prompt, chosen, rejected], weight: 0.5}}
+    - {{id: org/extra, config: small}}
+  seed: 7
+  test_split_size: 0.1
+"""
+    _, data_args, args = parse_recipe(DPO, [write(tmp_path, text)])
+    assert data_args.specs() == [
+        {"path": "HuggingFaceH4/ultrafeedback_binarized", "split": "train_prefs",
+         "columns": ["prompt", "chosen", "rejected"], "subsample": 0.5},
+        {"path": "org/extra", "name": "small"},
+    ]  # fmt: skip
+    assert (data_args.dataset_seed, data_args.test_size) == (7, 0.1)
+    _, data_args, _ = parse_recipe(DPO, [write(tmp_path, base(tmp_path)), "--test_split_size=0.2"])
+    assert data_args.test_size == 0.2
+    bad = text.replace("weight: 0.5", "wieght: 0.5")
+    with pytest.raises(RecipeError, match="dataset_mixture entry .*unknown: \\['wieght'\\]"):
+        parse_recipe(DPO, [write(tmp_path, bad)])
+
+
+@pytest.mark.parametrize("spelling", ["null", "None", "~", ""])
+def test_an_optional_key_is_unset_from_the_command_line(tmp_path, spelling):
+    recipe = write(tmp_path, base(tmp_path, dataset_test_split="test", max_prompt_length=64))
+    _, data_args, args = parse_recipe(DPO, [recipe, f"--dataset_test_split={spelling}", "--max_prompt_length", "null"])
+    assert data_args.dataset_test_split is None and data_args.max_prompt_length is None
+    _, _, args = parse_recipe(DPO, [recipe, "--report_to", "none"])  # transformers' "no integration" stays
+    assert args.report_to == []
+    with pytest.raises(RecipeError, match="'beta' cannot be unset"):
+        parse_recipe(DPO, [recipe, "--beta=null"])

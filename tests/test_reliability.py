@@ -44,7 +44,7 @@ COMMON = {
     "max_length": 32,
     "max_steps": 8,
     "per_device_train_batch_size": 2,
-    "gradient_checkpointing": False,
+    "activation_checkpointing": False,
     "report_to": "none",
     "save_strategy": "steps",
     "save_steps": 2,

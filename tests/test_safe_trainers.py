@@ -25,7 +25,7 @@ SETTINGS = dict(
     logging_steps=1,
     use_cpu=True,
     bf16=False,
-    gradient_checkpointing=False,
+    activation_checkpointing=False,
     seed=0,
 )
 

@@ -12,7 +12,16 @@ from typing import Any
 
 import trl
 
+from ..data import FORMATS
+
 GPT2_LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # attention qkv, both output projections and the MLP input
+GPT2_MODEL_TYPES = ("gpt2", "alignment_gpt2")
+
+
+def default_lora_targets(model_type: str) -> list[str] | str:
+    """LoRA's targets when the recipe names none: GPT-2's module names for GPT-2 models, otherwise PEFT's
+    `all-linear` (every linear layer but the LM head), which fits any architecture."""
+    return list(GPT2_LORA_TARGETS) if model_type in GPT2_MODEL_TYPES else "all-linear"
 
 
 @dataclass
@@ -42,14 +51,20 @@ class ModelArguments(trl.ModelConfig):
         default=None,
         metadata={"help": "Tokenizer folder or Hub id; defaults to the checkpoint's, else GPT-2's."},
     )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "How conversations are written as text: 'hh' (HH-RLHF's Human:/Assistant: turns), 'chatml', a "
+            "path to a Jinja file, or unset / 'tokenizer' for the tokenizer's own (GPT-2's is 'hh'). New special "
+            "tokens grow the embeddings."
+        },
+    )
     merge_adapter_on_save: bool = field(
         default=False,
         metadata={"help": "With LoRA, also write the base model with the adapter merged in (`<output_dir>/merged`)."},
     )
 
     def __post_init__(self) -> None:
-        if self.use_peft and not self.lora_target_modules:
-            self.lora_target_modules = list(GPT2_LORA_TARGETS)
         if isinstance(self.model_config_overrides, str):
             self.model_config_overrides = json.loads(self.model_config_overrides)
         super().__post_init__()
@@ -68,8 +83,8 @@ class DataArguments:
     dataset_format: str | None = field(
         default=None,
         metadata={
-            "help": "Shape of the data; detected from the columns when unset.",
-            "choices": ["hh", "rm-static", "stack-exchange", "preference", "prompt-completion", "text"],
+            "help": "Shape of the data; detected from the columns and value types when unset.",
+            "choices": list(FORMATS),
         },
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split of `dataset_name` to train on."})
@@ -79,10 +94,28 @@ class DataArguments:
     )
     datasets: list[dict[str, Any]] = field(
         default_factory=list,
-        metadata={"help": "A mixture: entries with path, split, fraction, format, name, data_dir, eval_split."},
+        metadata={
+            "help": "A mixture: entries with TRL's fields (path, name, data_dir, data_files, split, columns, "
+            "fraction: the entry's share of the mixture) and ours (subsample: a random share of the entry's rows, "
+            "format, test_split: its own held-out split)."
+        },
+    )
+    dataset_mixture: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "The alignment-handbook's mixture: {datasets: [{id, config, split, columns, weight}], seed, "
+            "test_split_size}; weight keeps that share of the entry's rows (a JSON string on the CLI)."
+        },
     )
     test_size: float = field(
         default=0.05, metadata={"help": "Held-out share (< 1) or row count (>= 1) when a source has no test split."}
+    )
+    test_split_size: float | None = field(
+        default=None, metadata={"help": "TRL's name for test_size; when set, it is the one used."}
+    )
+    dataset_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed for subsampling, shuffling and holding out rows (default: the training seed)."},
     )
     max_prompt_length: int | None = field(
         default=None,
@@ -92,8 +125,18 @@ class DataArguments:
     def __post_init__(self) -> None:
         if isinstance(self.datasets, str):
             self.datasets = json.loads(self.datasets)
+        if isinstance(self.dataset_mixture, str):
+            self.dataset_mixture = json.loads(self.dataset_mixture)
+        if self.dataset_mixture is not None:
+            if self.datasets:
+                raise ValueError("set datasets or dataset_mixture, not both")
+            self.datasets, seed, test_split_size = handbook_mixture(self.dataset_mixture)
+            self.dataset_seed = seed if self.dataset_seed is None else self.dataset_seed
+            self.test_split_size = test_split_size if self.test_split_size is None else self.test_split_size
+        if self.test_split_size is not None:
+            self.test_size = self.test_split_size
         if self.dataset_name is None and not self.datasets:
-            raise ValueError("set dataset_name (one dataset) or datasets (a mixture)")
+            raise ValueError("set dataset_name (one dataset), datasets or dataset_mixture (a mixture)")
 
     def specs(self) -> list[dict[str, Any]]:
         """The mixture as `alignment.data.DatasetSpec` mappings."""
@@ -103,5 +146,31 @@ class DataArguments:
         if self.dataset_config is not None:
             spec["name"] = self.dataset_config
         if self.dataset_test_split is not None:
-            spec["eval_split"] = self.dataset_test_split
+            spec["test_split"] = self.dataset_test_split
         return [spec]
+
+
+HANDBOOK_ENTRY_KEYS = {"id": "path", "config": "name", "split": "split", "columns": "columns", "weight": "subsample"}
+
+
+def handbook_mixture(mixture: dict[str, Any]) -> tuple[list[dict[str, Any]], int | None, float | None]:
+    """The handbook's `dataset_mixture` as our `datasets` entries, its seed and its test_split_size."""
+    if not isinstance(mixture, dict):
+        raise ValueError(
+            f"dataset_mixture must be a mapping {{datasets: [...], seed, test_split_size}}, got {mixture!r}"
+        )
+    unknown = sorted(set(mixture) - {"datasets", "seed", "test_split_size"})
+    if unknown:
+        raise ValueError(f"unknown dataset_mixture keys {unknown}; expected datasets, seed, test_split_size")
+    entries = []
+    for entry in mixture.get("datasets") or []:
+        unknown = sorted(set(entry) - set(HANDBOOK_ENTRY_KEYS))
+        if unknown or "id" not in entry:
+            raise ValueError(
+                f"dataset_mixture entry {entry}: expected keys {sorted(HANDBOOK_ENTRY_KEYS)} with an id"
+                + (f" (unknown: {unknown})" if unknown else "")
+            )
+        entries.append({HANDBOOK_ENTRY_KEYS[k]: v for k, v in entry.items() if v is not None})
+    if not entries:
+        raise ValueError("dataset_mixture has no datasets")
+    return entries, mixture.get("seed"), mixture.get("test_split_size")

@@ -28,10 +28,11 @@ from trl import get_peft_config
 
 from ..common import first_line
 from ..data import DataFormatError, load_preference_dataset, load_sft_dataset
+from ..modeling.chat_templates import fit_model_to_tokenizer, set_chat_template
 from ..modeling.loading import load_model_and_tokenizer
 from ..training import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from ..training.checkpoints import check_output_dir, clear_previous_run, resume_checkpoint
-from .arguments import DataArguments, ModelArguments
+from .arguments import DataArguments, ModelArguments, default_lora_targets
 from .folder_lock import RunFolderLock
 from .integrations import hub_push_possible, prepare_wandb, push_folder
 from .recipe import RESOLVED_RECIPE, parse_recipe, resolved_recipe, save_resolved_recipe
@@ -56,6 +57,7 @@ def sft_data(data_args: DataArguments, args: SFTConfig, tokenizer: Any) -> Any:
         load_sft_dataset,
         data_args.specs(),
         completion_only=bool(args.completion_only_loss),
+        tokenizer=tokenizer,
         **split_settings(data_args, args),
     )
 
@@ -99,8 +101,14 @@ def train_stage(
         max_length=args.max_length,
         **model_loading(model_args, args.trust_remote_code),
     )
+    added_tokens = set_chat_template(tokenizer, model_args.chat_template)
+    if fit_model_to_tokenizer(model, tokenizer):
+        logger.info("embeddings resized to %d tokens for the chat template's %s", len(tokenizer), added_tokens)
     check_lora_targets(model, model_args)
     data = stage.load_data(data_args, args, tokenizer)
+    peft_config = get_peft_config(model_args)
+    if peft_config is not None and added_tokens:  # LoRA alone would leave the new tokens' rows at their random init
+        peft_config.trainable_token_indices = list(added_tokens)
     with hub_token_kept_out(args) as hub_token:
         trainer = stage.trainer_class(
             model,
@@ -108,7 +116,7 @@ def train_stage(
             train_dataset=data["train"],
             eval_dataset=data["test"] if args.eval_strategy != "no" and len(data["test"]) else None,
             processing_class=tokenizer,
-            peft_config=get_peft_config(model_args),
+            peft_config=peft_config,
         )
         trainer.checkpoint_files = {RESOLVED_RECIPE: yaml.safe_dump(recipe, sort_keys=True)}
         output_dir = train_and_save(trainer, model_args, data_args, args, stage, resume=resume)
@@ -140,7 +148,8 @@ def model_loading(model_args: ModelArguments, trust_remote_code: bool) -> dict[s
 
 
 def split_settings(data_args: DataArguments, args: Any) -> dict[str, Any]:
-    return {"seed": args.seed, "test_size": held_out_size(data_args.test_size)}
+    seed = args.seed if data_args.dataset_seed is None else data_args.dataset_seed
+    return {"seed": seed, "test_size": held_out_size(data_args.test_size)}
 
 
 def check_trainable(args: Any, data_args: DataArguments) -> None:
@@ -215,8 +224,13 @@ def prepare_output(args: Any) -> str | None:
 def check_lora_targets(model: Any, model_args: ModelArguments) -> None:
     """Every LoRA target must name modules of the model (PEFT ignores a misspelt one as long as another matches).
     A list holds module names (or dotted suffixes); a single string is a regular expression, as in PEFT."""
+    if not model_args.use_peft:
+        return
+    if not model_args.lora_target_modules:
+        model_args.lora_target_modules = default_lora_targets(model.config.model_type)
+        logger.info("LoRA targets (the default for %s): %s", model.config.model_type, model_args.lora_target_modules)
     targets = model_args.lora_target_modules
-    if not model_args.use_peft or not targets or targets == "all-linear":
+    if targets == "all-linear":
         return
     names = [name for name, _ in model.named_modules() if name]
     if isinstance(targets, str):

@@ -5,8 +5,8 @@
 The recipe may also be given as TRL's `--config recipes/gpt2_hh.yaml`. Every key must belong to one of the
 dataclasses; an unknown key or a value of the wrong type is one clear error, before anything is loaded. Values from
 the YAML file are checked exactly like command-line values (so `learning_rate: 5e-7`, which YAML reads as a string,
-works too). The resolved recipe (every setting, defaults included, secrets left out) is written next to the
-checkpoints.
+works too). `--key=null` (also `none`, `~` or nothing after `=`) unsets an optional key, as `key: null` does in the
+file. The resolved recipe (every setting, defaults included, secrets left out) is written next to the checkpoints.
 """
 
 from __future__ import annotations
@@ -134,6 +134,51 @@ def checked_value(action: argparse.Action, key: str, value: Any) -> Any:
     return converted
 
 
+NULL_SPELLINGS = ("null", "none", "~", "")  # `--key=null` unsets an optional key, as `key: null` in YAML does
+KEEPS_NONE_AS_TEXT = ("report_to",)  # `--report_to none` is transformers' "no integration", not unset
+
+
+def optional_keys(dataclass_types: tuple[type, ...]) -> set[str]:
+    """The fields that accept None (typed `X | None`, or None by default)."""
+    keys = set()
+    for cls in dataclass_types:
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # a forward reference that does not resolve: fall back on the defaults
+            hints = {}
+        for f in dataclasses.fields(cls):
+            hint = hints.get(f.name)
+            if f.default is None or (hint is not None and type(None) in typing.get_args(hint)):
+                keys.add(f.name)
+    return keys
+
+
+def take_nulls(overrides: list[str], optional: set[str], actions: dict[str, argparse.Action]) -> tuple[dict, list]:
+    """Pull `--key=null` (or `--key null`, `--key=~`, `--key=`) out of the command line: {key: None}, the rest.
+    A key that cannot be None is refused in one line."""
+    nulls, rest, i = {}, [], 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if arg.startswith("--") and "=" in arg:
+            key, value, width = arg[2:].split("=", 1)[0].replace("-", "_"), arg.split("=", 1)[1], 1
+        elif arg.startswith("--") and i + 1 < len(overrides) and not overrides[i + 1].startswith("--"):
+            key, value, width = arg[2:].replace("-", "_"), overrides[i + 1], 2
+        else:
+            rest.append(arg)
+            i += 1
+            continue
+        choices = getattr(actions.get(key), "choices", None) or ()
+        is_null = value.strip().lower() in NULL_SPELLINGS and value not in choices
+        if is_null and key in actions and key not in KEEPS_NONE_AS_TEXT:
+            if key not in optional:
+                raise RecipeError(f"--{key}={value}: {key!r} cannot be unset (it has no null value); give a value")
+            nulls[key] = None
+        else:
+            rest.extend(overrides[i : i + width])
+        i += width
+    return nulls, rest
+
+
 def json_list(text: str) -> list[Any]:
     """A list-of-mappings setting given on the command line: a JSON list, or one JSON object."""
     value = json.loads(text)
@@ -165,6 +210,8 @@ def parse_recipe(dataclass_types: tuple[type, ...], argv: list[str]) -> tuple[An
         if key not in flags:  # option names, not dests: `--help` and `--no_gradient_checkpointing` are fine
             raise unknown_key_error(key, known, "command-line")
     explicit = set(recipe) | set(override_keys(overrides))
+    nulls, overrides = take_nulls(overrides, optional_keys(dataclass_types), actions)
+    recipe.update(nulls)
     fitted = {key: value for key, value in machine_defaults(explicit).items() if key in actions}
     parser.set_defaults_with_config(**fitted, **{k: checked_value(actions[k], k, v) for k, v in recipe.items()})
 
