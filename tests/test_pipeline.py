@@ -100,6 +100,7 @@ def runs(data, tmp_path_factory):
                 "--model_name_or_path",
                 str(folder / "sft"),
                 f"--output_dir={folder / 'dpo'}",
+                "--save_format=alignment",  # SFT saves the default, stock GPT-2; DPO our class with its code
                 "--debug",
             ],
         )
@@ -123,13 +124,17 @@ def test_output_folder_holds_everything(runs, data, stage):
         "recipe.yaml",
         "README.md",
         "train_results.json",
-        *MODEL_CODE,
         *TOKENIZER_FILES,
     ):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"]["AutoConfig"] == "configuration_gpt2.AlignmentGPT2Config"
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt2.AlignmentGPT2ForCausalLM"
+    if stage == "sft":  # save_format: stock (the default)
+        assert config["model_type"] == "gpt2" and "auto_map" not in config
+        assert not any((out / name).exists() for name in MODEL_CODE) and not (out / ".stock-export").exists()
+    else:  # save_format: alignment
+        assert all((out / name).is_file() for name in MODEL_CODE)
+        assert config["auto_map"]["AutoConfig"] == "configuration_gpt2.AlignmentGPT2Config"
+        assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt2.AlignmentGPT2ForCausalLM"
     assert {k: config[k] for k in TINY_MODEL} == TINY_MODEL
 
     plots = sorted((out / "plots").glob("*.png"))
@@ -141,10 +146,12 @@ def test_output_folder_holds_everything(runs, data, stage):
     card = (out / "README.md").read_text()
     assert f"- method: {stage.upper()}" in card
     dataset = yaml.safe_load(Path(getattr(data, f"{stage}_recipe")).read_text())["dataset_name"]
-    assert f"- data: {dataset}" in card
+    assert f"- data: `{Path(dataset).name}` (local)" in card  # a local file by its name: no path leaves the machine
     assert "### Final train metrics" in card and "| train_loss |" in card
     assert all(f"(plots/{p.name})" in card for p in plots)
-    assert ("- base model: gpt2 (random initialisation)" if stage == "sft" else f"- base model: {runs.sft}") in card
+    random_init = "- base model: `gpt2` (random initialisation)"
+    assert (random_init if stage == "sft" else f"{random_init} → `sft` (local)") in card
+    assert str(runs.sft.parent) not in card and str(data.folder) not in card
 
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["output_dir"] == str(out) and recipe["max_steps"] == 2
@@ -157,9 +164,10 @@ def test_output_folder_holds_everything(runs, data, stage):
 
 
 def test_dpo_starts_from_the_sft_weights(runs):
-    from safetensors.torch import load_file
+    from alignment import AlignmentGPT2ForCausalLM
 
-    sft, dpo = load_file(runs.sft / "model.safetensors"), load_file(runs.dpo / "model.safetensors")
+    # SFT saved stock GPT-2, DPO our class: both read back into ours (stock GPT-2 converts losslessly)
+    sft, dpo = (AlignmentGPT2ForCausalLM.from_pretrained(run).state_dict() for run in (runs.sft, runs.dpo))
     assert sft.keys() == dpo.keys()
     # two small steps away from the SFT weights, far closer to them than to a fresh random init
     distance = sum((sft[k] - dpo[k]).abs().sum() for k in sft) / sum(sft[k].abs().sum() for k in sft)
@@ -167,7 +175,8 @@ def test_dpo_starts_from_the_sft_weights(runs):
 
 
 def test_output_folder_loads_without_the_alignment_package(runs, tmp_path):
-    """What anyone who downloads the pushed folder gets: the model code travels with the weights."""
+    """What anyone who downloads the pushed folder gets: stock GPT-2 (SFT, the default save_format), or our class
+    whose code travels with the weights (DPO, save_format: alignment)."""
     script = tmp_path / "load.py"
     script.write_text(
         textwrap.dedent(f"""
@@ -211,13 +220,15 @@ def test_output_folder_loads_without_the_alignment_package(runs, tmp_path):
     from alignment.modeling.tokenizer import load_tokenizer
 
     expected_ids = load_tokenizer("gpt2")("What is 2 + 3?")["input_ids"]
-    for folder in (runs.sft, runs.dpo):
-        result = results[str(folder)]
-        assert result["name"] == "AlignmentGPT2ForCausalLM"
-        assert result["module"].startswith("transformers_modules.")  # the folder's code, not this package's
+    sft, dpo = results[str(runs.sft)], results[str(runs.dpo)]
+    assert sft["name"] == "GPT2LMHeadModel" and sft["module"].startswith("transformers.models.gpt2")
+    assert dpo["name"] == "AlignmentGPT2ForCausalLM"
+    assert dpo["module"].startswith("transformers_modules.")  # the folder's code, not this package's
+    for folder, result in ((runs.sft, sft), (runs.dpo, dpo)):
         assert result["ids"] == expected_ids
         ours = AutoModelForCausalLM.from_pretrained(folder).eval()
-        assert type(ours).__module__.startswith("alignment.")
+        if folder == runs.dpo:
+            assert type(ours).__module__.startswith("alignment.")
         torch.testing.assert_close(result["logits"], logits(ours), atol=1e-5, rtol=0)
 
 
@@ -270,8 +281,9 @@ def test_push_to_hub_without_the_hub_keeps_the_run(data, tmp_path, caplog, monke
             "--debug",
         ],
     )
-    for name in ("model.safetensors", "config.json", "README.md", "recipe.yaml", *MODEL_CODE, *TOKENIZER_FILES):
+    for name in ("model.safetensors", "config.json", "README.md", "recipe.yaml", *TOKENIZER_FILES):
         assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"  # what gets pushed: stock GPT-2
     hub_lines = [r.getMessage() for r in caplog.records if "hub" in r.getMessage().lower()]
     assert len(hub_lines) == 1, hub_lines
     assert "unreachable" in hub_lines[0] and "\n" not in hub_lines[0]
@@ -293,9 +305,10 @@ def test_push_happens_once_after_the_card_and_curves(data, tmp_path, monkeypatch
 
     pushed = []
 
-    def fake_push_folder(folder, repo_id, token=None):
+    def fake_push_folder(folder, repo_id, token=None, **hub_settings):
         card = (Path(folder) / "README.md").read_text()
-        pushed.append((Path(folder), repo_id, token, "## Training run" in card, list(Path(folder).glob("plots/*.png"))))
+        plots = list(Path(folder).glob("plots/*.png"))
+        pushed.append((Path(folder), repo_id, token, hub_settings, "## Training run" in card, plots))
         return True
 
     monkeypatch.setattr(pipeline, "hub_push_possible", lambda: True)
@@ -315,14 +328,19 @@ def test_push_happens_once_after_the_card_and_curves(data, tmp_path, monkeypatch
             "someone/x",
             "--hub_token",
             "hf_fake",
+            "--hub_private_repo",
+            "true",
+            "--hub_revision",
+            "dpo-v1",
             "--eval_strategy",
             "no",
             "--debug",
         ],
     )
     assert len(pushed) == 1
-    folder, repo_id, token, card_complete, plots = pushed[0]
+    folder, repo_id, token, hub_settings, card_complete, plots = pushed[0]
     assert (folder, repo_id, token) == (out, "someone/x", "hf_fake")
+    assert hub_settings == {"private": True, "revision": "dpo-v1"}
     assert card_complete and plots
     assert "hf_fake" not in (out / "recipe.yaml").read_text()
 
@@ -340,7 +358,7 @@ def test_hub_unreachable_over_the_network(monkeypatch, caplog):
     ]
 
 
-@pytest.mark.parametrize("failing", ["init", "create_repo", "upload_folder"])
+@pytest.mark.parametrize("failing", ["init", "create_repo", "create_commit"])
 def test_failed_push_keeps_the_folder_and_says_where(tmp_path, monkeypatch, caplog, failing):
     import huggingface_hub
 
@@ -353,7 +371,7 @@ def test_failed_push_keeps_the_folder_and_says_where(tmp_path, monkeypatch, capl
             if failing == "create_repo":
                 raise ConnectionError("Failed to resolve 'huggingface.co'\n  (details)")
 
-        def upload_folder(self, **kwargs):
+        def create_commit(self, repo_id, **kwargs):
             raise TimeoutError("read timed out")
 
     folder = tmp_path / "run"
@@ -377,7 +395,7 @@ def test_failed_push_keeps_the_folder_and_says_where(tmp_path, monkeypatch, capl
 
 @pytest.fixture
 def no_wandb_credentials(monkeypatch, tmp_path):
-    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_DISABLED"):
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_DISABLED", "WANDB_PROJECT"):
         unset(monkeypatch, name)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
     for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
@@ -417,16 +435,26 @@ def test_sft_run_reporting_to_wandb_without_api_key(no_wandb_credentials, data, 
     caplog.set_level(logging.WARNING, logger="alignment.run.integrations")
     out = tmp_path / "wandb-run"
     faulthandler.dump_traceback_later(300, exit=True)  # a hang fails the session instead of stalling it
+    seen = {}
     try:
         run_cli(
             run_sft,
-            [data.sft_recipe, "--output_dir", str(out), "--report_to", "wandb", "--eval_strategy", "no", "--debug"],
-        )
+            [data.sft_recipe, "--output_dir", str(out), "--report_to", "wandb", "--eval_strategy", "no",
+             "--project", "alignment-tests", "--debug"],
+        )  # fmt: skip
     finally:
         faulthandler.cancel_dump_traceback_later()
         if wandb.run is not None:
+            run = wandb.run
+            seen = {"project": run.project, "name": run.name, "tags": set(run.tags), "config": dict(run.config)}
             wandb.finish()
     assert os.environ["WANDB_MODE"] == "offline"
+    # the project from the recipe (transformers' `project`), the folder's name, tags, and the whole recipe
+    assert seen["project"] == "alignment-tests" and seen["name"] == "wandb-run"
+    assert seen["tags"] == {"sft", "gpt2"}
+    assert seen["config"]["model_config_overrides"] == TINY_MODEL  # model and data settings, not only training's
+    assert seen["config"]["dataset_name"] == yaml.safe_load(Path(data.sft_recipe).read_text())["dataset_name"]
+    assert seen["config"]["learning_rate"] == 1e-3
     assert len(wandb_warnings(caplog)) == 1
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
     assert list(tmp_path.glob("wandb/offline-run-*")), sorted(p.name for p in tmp_path.rglob("*"))[:50]

@@ -1,5 +1,5 @@
-"""The model: our GPT-2, its attention kernel, official-checkpoint conversion, the tokenizer and its chat templates,
-and model loading.
+"""The model: our GPT-2, its attention kernel, official-checkpoint conversion (and export back to that format), the
+tokenizer and its chat templates, and model loading.
 May import `alignment.common` only. `attention.py`, `configuration_gpt2.py` and `modeling_gpt2.py` import nothing
 but torch and transformers, because they travel with saved checkpoints as remote code."""
 
@@ -16,6 +16,7 @@ from .chat_templates import (
 )
 from .configuration_gpt2 import GPT2_SIZES, AlignmentGPT2Config
 from .conversion import register_gpt2_conversion
+from .export import ExportError, export_stock_gpt2
 from .hf_attention import ATTN_IMPLEMENTATION, register_with_transformers
 from .modeling_gpt2 import AlignmentGPT2ForCausalLM, AlignmentGPT2Model, AlignmentGPT2PreTrainedModel
 
@@ -38,9 +39,11 @@ __all__ = [
     "AlignmentGPT2ForCausalLM",
     "AlignmentGPT2Model",
     "AlignmentGPT2PreTrainedModel",
+    "ExportError",
     "GPT2_SIZES",
     "attention",
     "build_visibility_mask",
+    "export_stock_gpt2",
     "fit_model_to_tokenizer",
     "reference_attention",
     "register_auto_classes",

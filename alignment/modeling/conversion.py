@@ -7,6 +7,9 @@ config keeps the fields both models share.
 This lives outside `modeling_gpt2.py` on purpose: that file travels with every saved checkpoint as remote code,
 and a checkpoint of ours never needs converting. `register_gpt2_conversion()` (run when `alignment` is imported)
 makes `AlignmentGPT2ForCausalLM.from_pretrained` accept official checkpoints too.
+
+The tables below are the one description of how the two layouts relate, read in both directions: here to load
+official checkpoints, in `export.py` to write ours back in the official layout.
 """
 
 from __future__ import annotations
@@ -23,22 +26,32 @@ from .configuration_gpt2 import AlignmentGPT2Config
 from .modeling_gpt2 import AlignmentGPT2PreTrainedModel
 
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+# The projections the official layout stores as `Conv1D`, (in, out): transposed either way, bit for bit.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Fields a transformers `GPT2Config` shares with ours; everything else in it is ignored on conversion.
+# Old causal-mask buffers some official checkpoints still hold: not weights, dropped on conversion.
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
+# Fields a transformers `GPT2Config` shares with ours, same name and meaning (dropout included: same places).
 SHARED_GPT2_FIELDS = (
     "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "embd_pdrop", "attn_pdrop",
     "resid_pdrop", "layer_norm_epsilon", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
-    "tie_word_embeddings",
+    "tie_word_embeddings", "use_cache",
 )  # fmt: skip
+# `GPT2Config` settings our architecture fixes (tanh-GELU, 1/sqrt(d) attention scale, no cross-attention):
+# official checkpoints with other values cannot be converted, and exports write exactly these.
+GPT2_ARCHITECTURE = {
+    "activation_function": "gelu_new",
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "add_cross_attention": False,
+}
 
 
 def config_from_gpt2(gpt2_config: dict[str, Any], **overrides: Any) -> AlignmentGPT2Config:
     """Our config from the config.json of a transformers GPT-2 checkpoint (model_type "gpt2")."""
-    if gpt2_config.get("activation_function", "gelu_new") != "gelu_new":
-        raise ValueError("only GPT-2 checkpoints with the tanh-GELU ('gelu_new') activation can be converted")
-    for unsupported in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
-        if gpt2_config.get(unsupported):
-            raise ValueError(f"GPT-2 checkpoints with {unsupported}=True cannot be converted")
+    for key, ours in GPT2_ARCHITECTURE.items():
+        value = gpt2_config.get(key, ours)  # an absent key is GPT2Config's default, which is ours
+        if value != ours:
+            raise ValueError(f"GPT-2 checkpoints with {key}={value!r} cannot be converted (ours is {ours!r})")
     fields = {k: gpt2_config[k] for k in SHARED_GPT2_FIELDS if k in gpt2_config}
     return AlignmentGPT2Config(**{**fields, **overrides})
 
@@ -74,20 +87,27 @@ def load_checkpoint_tensors(name_or_path: str | os.PathLike, hub_kwargs: dict[st
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin found in {name_or_path}")
 
 
-def convert_gpt2_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_gpt2_state_dict(tensors: dict[str, torch.Tensor], tied: bool = True) -> dict[str, torch.Tensor]:
     """Rename and transpose transformers-GPT-2 tensors into our layout (Conv1D stores weights as (in, out))."""
     converted = {}
     for name, tensor in tensors.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")):  # old causal-mask buffers, not weights
+        if name.endswith(MASK_BUFFERS):
             continue
-        if name == "lm_head.weight":  # tied to the token embeddings
+        if name == "lm_head.weight" and tied:  # the token embeddings, tied back on load
             continue
-        if not name.startswith("transformer."):
+        if not name.startswith("transformer.") and name != "lm_head.weight":
             name = "transformer." + name  # checkpoints saved from the bare GPT2Model
         if name.endswith(CONV1D_WEIGHTS):
             tensor = tensor.t().contiguous()
         converted[name] = tensor
     return converted
+
+
+def to_gpt2_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our causal LM's tensors in transformers' `GPT2LMHeadModel` layout: same names, projections transposed."""
+    return {
+        name: tensor.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else tensor for name, tensor in tensors.items()
+    }
 
 
 def from_gpt2_checkpoint(cls: type, name_or_path: str | os.PathLike, gpt2_config: dict[str, Any], **kwargs: Any):
@@ -102,12 +122,13 @@ def from_gpt2_checkpoint(cls: type, name_or_path: str | os.PathLike, gpt2_config
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     model = cls(config)
-    state_dict = convert_gpt2_state_dict(load_checkpoint_tensors(name_or_path, hub_kwargs))
+    tied = config.tie_word_embeddings
+    state_dict = convert_gpt2_state_dict(load_checkpoint_tensors(name_or_path, hub_kwargs), tied=tied)
     if not hasattr(model, cls.base_model_prefix):  # the bare backbone has no "transformer." prefix
         prefix = cls.base_model_prefix + "."
         state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
     model.load_state_dict(state_dict, strict=False, assign=False)
-    missing = set(model.state_dict()) - set(state_dict) - {"lm_head.weight"}
+    missing = set(model.state_dict()) - set(state_dict) - ({"lm_head.weight"} if tied else set())
     if missing:
         raise ValueError(f"{name_or_path} is missing GPT-2 weights: {sorted(missing)[:5]}")
     model.tie_weights()

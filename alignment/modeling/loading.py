@@ -127,15 +127,27 @@ def load_model(
     attn_implementation: str | None = None,
     implementation: str = "alignment",
     trust_remote_code: bool = False,
+    quantization_config: Any = None,
+    device_map: Any = None,
 ) -> PreTrainedModel:
     """A causal LM: a checkpoint (official GPT-2 ones converted into our class unless `implementation` is
-    "transformers"), or random weights from `config_name` (a GPT-2 preset, or a folder/Hub id with a config.json)."""
+    "transformers"), or random weights from `config_name` (a GPT-2 preset, or a folder/Hub id with a config.json).
+
+    With a bitsandbytes `quantization_config` (QLoRA) the checkpoint's linear layers load quantized, on `device_map`
+    (`kbit_device_map()`), and the model is prepared for adapter training (`prepare_for_kbit_training`)."""
     if name_or_path is None and config_name is None:
         raise ValueError("set model_name_or_path (a checkpoint) or model_config (random weights from a config)")
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map=device_map)
     path = name_or_path
+    if path is None and quantization_config is not None:  # from_config has no weights to quantize
+        raise ValueError(
+            f"{quantization_name(quantization_config)} quantizes a checkpoint's weights, but model_config builds random "
+            "ones; set model_name_or_path, or train without quantization"
+        )
     if path is None:
         config = config_from_name(config_name, config_overrides, trust_remote_code)
         if attn_implementation is not None:
@@ -157,9 +169,17 @@ def load_model(
     if broken:
         raise ValueError(f"model_name_or_path: {broken}; the checkpoint is damaged, use another one")
     if model_type == "gpt2" and implementation == "alignment":
+        if quantization_config is not None:  # the conversion builds the model in memory: nothing quantizes it
+            raise ValueError(
+                f"{quantization_name(quantization_config)}: the official GPT-2 checkpoint {path} is converted into our "
+                "GPT-2 class in memory, which bitsandbytes cannot quantize; set model_implementation: transformers, "
+                "or save the converted model once (save_pretrained) and load that folder"
+            )
         model = AlignmentGPT2ForCausalLM.from_pretrained(path, revision=revision, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, **kwargs)
+    if quantization_config is not None:
+        prepare_for_kbit_training(model)
     broken = nonfinite_parameter(model)
     if broken:  # trained on, it gives a non-finite loss at the first step, which would be blamed on that step's rows
         raise ValueError(
@@ -167,6 +187,30 @@ def load_model(
             "a diverged run, use an earlier one"
         )
     return model
+
+
+def quantization_name(quantization_config: Any) -> str:
+    """The recipe key that asked for `quantization_config`, for error messages."""
+    return "load_in_8bit" if getattr(quantization_config, "load_in_8bit", False) else "load_in_4bit"
+
+
+def kbit_device_map() -> dict[str, int] | None:
+    """Where a quantized model loads: whole on this process's accelerator (bitsandbytes quantizes while loading,
+    so the weights should land where they train), or None on CPU. Older TRL's `get_kbit_device_map`, which
+    TRL 1.16 no longer has."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    return {"": state.local_process_index} if state.device.type in ("cuda", "xpu", "npu") else None
+
+
+def prepare_for_kbit_training(model: PreTrainedModel) -> None:
+    """peft's k-bit preparation: the base is frozen and its non-quantized weights (norms, embeddings) kept in
+    float32 for stable adapter training. Gradient checkpointing is left to the Trainer (`gradient_checkpointing`),
+    which also makes the inputs require grads for it."""
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")

@@ -59,9 +59,25 @@ class ModelArguments(trl.ModelConfig):
             "tokens grow the embeddings."
         },
     )
+    save_format: str = field(
+        default="stock",
+        metadata={
+            "help": "Format of the final model (and of the merged LoRA model) saved and pushed: 'stock' "
+            "(transformers' GPT2LMHeadModel, loadable by every tool without remote code; lossless, and our GPT-2 "
+            "class reads it back) or 'alignment' (our class, with its code). Checkpoints stay in our format.",
+            "choices": ["stock", "alignment"],
+        },
+    )
     merge_adapter_on_save: bool = field(
         default=False,
         metadata={"help": "With LoRA, also write the base model with the adapter merged in (`<output_dir>/merged`)."},
+    )
+    hub_license: str | None = field(
+        default=None,
+        metadata={
+            "help": "The model card's license (a Hub license id, e.g. 'apache-2.0'); when unset, 'mit' for models "
+            "descending from OpenAI's GPT-2 weights, else none is claimed."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,14 @@ from trl import get_peft_config
 from ..common import first_line
 from ..data import DataFormatError, load_preference_dataset, load_sft_dataset
 from ..modeling.chat_templates import fit_model_to_tokenizer, set_chat_template
+from ..modeling.export import export_stock_gpt2
 from ..modeling.loading import load_model_and_tokenizer
 from ..training import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from ..training.checkpoints import check_output_dir, clear_previous_run, resume_checkpoint
 from .arguments import DataArguments, ModelArguments, default_lora_targets
 from .folder_lock import RunFolderLock
-from .integrations import hub_push_possible, prepare_wandb, push_folder
+from .integrations import describe_wandb_run, hub_push_possible, prepare_wandb, push_folder
+from .model_card import RunCard, model_type_of, prompt_style
 from .recipe import RESOLVED_RECIPE, parse_recipe, resolved_recipe, save_resolved_recipe
 from .resume_check import check_resume_recipe
 
@@ -119,9 +122,18 @@ def train_stage(
             peft_config=peft_config,
         )
         trainer.checkpoint_files = {RESOLVED_RECIPE: yaml.safe_dump(recipe, sort_keys=True)}
+        example = data["train"][0] if len(data["train"]) else None  # the prompt format, for the card's quick start
+        RunCard(trainer, stage.name, model_args, data_args, prompt_style(example)).install()  # also TRL's saves
+        describe_wandb_run(trainer, recipe, tags=[stage.name.lower(), model_type_of(trainer) or "unknown"])
         output_dir = train_and_save(trainer, model_args, data_args, args, stage, resume=resume)
         if wants_push and trainer.is_world_process_zero():
-            push_folder(output_dir, args.hub_model_id or output_dir.name, token=hub_token)
+            push_folder(
+                output_dir,
+                args.hub_model_id or output_dir.name,
+                token=hub_token,
+                private=args.hub_private_repo,
+                revision=args.hub_revision,
+            )
         trainer.accelerator.wait_for_everyone()
     return output_dir
 
@@ -135,7 +147,16 @@ def run_dpo(argv: list[str]) -> Path:
 
 
 def model_loading(model_args: ModelArguments, trust_remote_code: bool) -> dict[str, Any]:
-    """The recipe's model settings as `alignment.modeling.loading.load_model` takes them."""
+    """The recipe's model settings as `alignment.modeling.loading.load_model` takes them; a model field that would
+    be read nowhere (or cannot work, e.g. quantization without LoRA) is refused here, before anything loads.
+    `load_in_4bit` / `load_in_8bit` go through TRL's `get_quantization_config` (QLoRA), as in TRL's scripts."""
+    from trl import get_quantization_config
+
+    from ..modeling.loading import kbit_device_map
+    from .field_audit import check_model_fields
+
+    check_model_fields(model_args)
+    quantization_config = get_quantization_config(model_args)
     return {
         "config_name": model_args.model_config,
         "config_overrides": model_args.model_config_overrides,
@@ -144,6 +165,8 @@ def model_loading(model_args: ModelArguments, trust_remote_code: bool) -> dict[s
         "attn_implementation": model_args.attn_implementation,
         "implementation": model_args.model_implementation,
         "trust_remote_code": trust_remote_code,
+        "quantization_config": quantization_config,
+        "device_map": kbit_device_map() if quantization_config is not None else None,
     }
 
 
@@ -171,6 +194,9 @@ def check_trainable(args: Any, data_args: DataArguments) -> None:
         raise ValueError(
             f"test_size {size:g}: a share of the rows is below 1 (e.g. 0.05), a row count a whole number (e.g. 100)"
         )
+    from .field_audit import check_training_fields
+
+    check_training_fields(args, data_args)  # no recipe field is parsed and then silently ignored
 
 
 def resume_argument(value: str | None) -> str | bool | None:
@@ -326,10 +352,37 @@ def save_run(trainer, model_args: ModelArguments, data_args: DataArguments, outp
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
         merged.save_pretrained(output_dir / "merged")
         trainer.processing_class.save_pretrained(output_dir / "merged")
-    datasets = [spec["path"] for spec in data_args.specs()]
-    trainer.create_model_card(model_name=output_dir.name, dataset_name=", ".join(datasets))
+    for folder in (output_dir, output_dir / "merged"):
+        if model_args.save_format == "stock":
+            save_in_stock_format(folder)
     plots = draw_curves(output_dir)
-    append_results_to_card(output_dir, method, model_args, datasets, plots)
+    card = getattr(trainer, "run_card", None) or RunCard(trainer, method, model_args, data_args)
+    card.write(output_dir, plots)  # ours, not TRL's: see `alignment.run.model_card`
+
+
+def save_in_stock_format(folder: Path) -> None:
+    """`save_format: stock`: a saved model of our GPT-2 class rewritten in transformers' `GPT2LMHeadModel` layout
+    (lossless: `alignment.modeling.export`); its model code goes. Anything else (an adapter, another architecture,
+    no model) is left as it is."""
+    config = folder / "config.json"
+    if not config.is_file() or json.loads(config.read_text(encoding="utf-8")).get("model_type") != "alignment_gpt2":
+        return
+    staging = folder / ".stock-export"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while exporting
+    export_stock_gpt2(folder, staging)
+    written = [p for p in staging.iterdir() if p.name in STOCK_MODEL_FILES or p.name.startswith("model")]
+    for old in [folder / name for name in (*MODEL_CODE_FILES, "config.json")] + list(
+        folder.glob("model*.safetensors*")
+    ):
+        old.unlink(missing_ok=True)
+    for path in written:
+        os.replace(path, folder / path.name)
+    shutil.rmtree(staging)
+    logger.info("%s saved in transformers' stock GPT-2 format (save_format: stock)", folder)
+
+
+STOCK_MODEL_FILES = ("config.json", "generation_config.json")
+MODEL_CODE_FILES = ("modeling_gpt2.py", "configuration_gpt2.py", "attention.py")
 
 
 def draw_curves(output_dir: Path) -> list[Path]:
@@ -342,24 +395,3 @@ def draw_curves(output_dir: Path) -> list[Path]:
     except Exception as error:  # a figure must never cost a finished run
         logger.warning("could not draw the training curves: %s", error)
         return []
-
-
-def append_results_to_card(
-    output_dir: Path, method: str, model_args: ModelArguments, datasets: list[str], plots: list[Path]
-) -> None:
-    """Add what was trained, on what, the final metrics and the curves to TRL's model card."""
-    base_model = model_args.model_name_or_path or f"{model_args.model_config} (random initialisation)"
-    lines = ["", "## Training run", "", f"- method: {method}", f"- base model: {base_model}"]
-    lines += [f"- data: {', '.join(datasets)}", "- recipe: [`recipe.yaml`](recipe.yaml)", ""]
-    for split in ("train", "eval"):
-        path = output_dir / f"{split}_results.json"
-        if path.exists():
-            metrics = json.loads(path.read_text())
-            lines += [f"### Final {split} metrics", "", "| metric | value |", "| --- | --- |"]
-            lines += [f"| {key} | {value:.4g} |" for key, value in metrics.items() if isinstance(value, (int, float))]
-            lines.append("")
-    if plots:
-        lines += ["### Curves", ""] + [f"![{p.stem}]({p.relative_to(output_dir).as_posix()})" for p in plots] + [""]
-    card = output_dir / "README.md"
-    with open(card, "a", encoding="utf-8") as f:
-        f.write("\n".join(lines))
