@@ -122,6 +122,8 @@ def env(tmp_path_factory):
 def recipe(tmp_path, stage, **settings):
     """A recipe file for `stage` with `settings` over the tiny defaults (a None value removes the key)."""
     values = {**BASE, "dataset_name": None, "output_dir": str(tmp_path / "out"), **settings}
+    if "model_name_or_path" in settings and "model_config_overrides" not in settings:
+        values["model_config_overrides"] = None  # a checkpoint keeps its config: overrides would be refused
     values = {k: v for k, v in values.items() if v is not None}
     path = tmp_path / f"{stage}.yaml"
     path.write_text(yaml.safe_dump(values), encoding="utf-8")
@@ -367,7 +369,7 @@ def test_catalogue(case, env, tmp_path, capsys, quiet_env):
         path.write_text(settings, encoding="utf-8")
         argv = [str(path)]
     else:
-        defaults = {"dataset_name": env.files[stage]}
+        defaults = {} if "datasets" in settings else {"dataset_name": env.files[stage]}  # one or the other
         argv = [recipe(tmp_path, stage, **{**defaults, **fill(settings, env)})]
     argv += [fill(arg, env) for arg in extra]
     line = error_line(capsys, stage, argv)

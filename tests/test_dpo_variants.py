@@ -19,7 +19,7 @@ from alignment.training.dpo import SYNCED_REFERENCE_FILE
 from alignment.training.layouts import ScoredTokens
 from alignment.training.losses import LOSS_TYPES, ReplyLogps, f_divergence_score, preference_loss
 from tests.conftest import tiny_causal_lms
-from tests.test_dpo_trainer import config, data, trained_pair
+from tests.test_dpo_trainer import batch_of, config, data, trained_pair
 
 # two pairs; tokens listed reply by reply, out of order between replies (as a packed batch may list them)
 TOKENS = ScoredTokens(
@@ -181,23 +181,39 @@ LEARNING_CASES = {
 }
 
 
+LOSS_DEFAULTS = {
+    "loss_type": ["sigmoid"], "label_smoothing": 0.0, "f_divergence_type": "reverse_kl", "use_weighting": False,
+    "ld_alpha": None, "rpo_alpha": None,
+}  # fmt: skip
+
+
 def test_every_loss_and_option_decreases_on_a_separable_batch(tmp_path, gpt2_tokenizer):
-    """Eight steps on one batch of four pairs (chosen ' yes', rejected a long refusal), from a frozen-copy
-    reference: every loss ends lower than it starts."""
+    """Eight Adam steps on one batch of four pairs (chosen ' yes', rejected a long refusal), from a frozen-copy
+    reference: every loss ends lower than it starts. One trainer serves every case (its loss settings are read from
+    `args` at each step); the policy restarts from the same weights each time."""
     torch.manual_seed(0)
-    start = tiny_causal_lms()["ours"]()
-    rows = datasets.Dataset.from_list(SEPARABLE)
+    trainer = DPOTrainer(
+        tiny_causal_lms()["ours"](),
+        args=config(tmp_path, beta=0.5),
+        train_dataset=datasets.Dataset.from_list(SEPARABLE),
+        processing_class=gpt2_tokenizer,
+    )
+    start = copy.deepcopy(trainer.model.state_dict())
+    batch = batch_of(trainer)
     failed = {}
     for case, settings in LEARNING_CASES.items():
-        trainer = DPOTrainer(
-            copy.deepcopy(start),
-            args=config(tmp_path / case, learning_rate=5e-3, max_steps=8, beta=0.5, **settings),
-            train_dataset=rows,
-            processing_class=gpt2_tokenizer,
-        )
-        trainer.train()
-        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        if not (len(losses) == 8 and all(map(math.isfinite, losses)) and losses[-1] < losses[0] - 1e-3):
+        for key, value in {**LOSS_DEFAULTS, **settings}.items():
+            setattr(trainer.args, key, value)
+        trainer.model.load_state_dict(start)
+        optimizer = torch.optim.Adam(trainer.model.parameters(), lr=5e-3)
+        losses = []
+        for _ in range(8):
+            loss = trainer.compute_loss(trainer.model, batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        if not (all(map(math.isfinite, losses)) and losses[-1] < losses[0] - 1e-3):
             failed[case] = losses
     assert not failed, failed
 
