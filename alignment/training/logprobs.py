@@ -62,15 +62,15 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
     """log_softmax(transform(hidden @ weightᵀ + bias))[target], row by row in chunks, with a recomputing backward.
 
     Also returns, without gradients, each row's entropy and whether the target is the argmax (TRL's `entropy` and
-    `mean_token_accuracy` metrics) and log Σ_v p_v² (WPO's weights), from the same softmax: they cost no second pass
-    through the head."""
+    `mean_token_accuracy` metrics) and, when asked for, log Σ_v p_v² (WPO's weights; empty otherwise, to keep it
+    out of every other step), from the same softmax: they cost no second pass through the head."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows, transform):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, transform, with_log_sum_sq=False):
         out = torch.empty(hidden.size(0), dtype=_compute_dtype(hidden), device=hidden.device)
         entropy = torch.empty_like(out)
         is_top1 = torch.empty(hidden.size(0), dtype=torch.bool, device=hidden.device)
-        log_sum_sq = torch.empty_like(out)
+        log_sum_sq = torch.empty_like(out) if with_log_sum_sq else out.new_empty(0)
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = _transformed(_logits(hidden[rows], weight, bias), transform)
@@ -78,7 +78,8 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
             out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - normaliser
             probs = torch.softmax(logits, dim=1)
             entropy[rows] = normaliser - (probs * logits).sum(1)
-            log_sum_sq[rows] = probs.square().sum(1).log()
+            if with_log_sum_sq:
+                log_sum_sq[rows] = probs.square().sum(1).log()
             is_top1[rows] = logits.argmax(dim=1) == targets[rows]  # the first maximum, as TRL counts it
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk_rows = chunk_rows
@@ -115,7 +116,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
                 grad_bias += grad_logits.sum(0)
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def _transformed(logits: torch.Tensor, transform: HeadTransform) -> torch.Tensor:
@@ -158,7 +159,7 @@ def logprobs_and_log_sum_sq(
     transform: HeadTransform = PLAIN_HEAD,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`logprobs_of_targets`, and log Σ_v p_v² of each row's distribution (no gradient; WPO's weights)."""
-    logps, _, _, log_sum_sq = _ChunkedTokenLogProbs.apply(hidden, weight, bias, targets, CHUNK_ROWS, transform)
+    logps, _, _, log_sum_sq = _ChunkedTokenLogProbs.apply(hidden, weight, bias, targets, CHUNK_ROWS, transform, True)
     return logps, log_sum_sq
 
 
