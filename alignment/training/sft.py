@@ -31,6 +31,7 @@ from trl.trainer.utils import get_config_model_id
 from ..modeling.tokenizer import ensure_pad_token
 from .logprobs import IGNORE_INDEX, add_logprob_head
 from .safety import SafeTrainingMixin
+from .sharding import ShardingMixin
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def positions_restarting_after(input_ids: torch.Tensor, eos_token_id: int, real:
     return index - start_index
 
 
-class SFTTrainer(SafeTrainingMixin, trl.SFTTrainer):
+class SFTTrainer(SafeTrainingMixin, ShardingMixin, trl.SFTTrainer):
     """TRL's SFT trainer; the loss is computed here, from log-probs taken only at scored positions. Safe to stop,
     and stops on a non-finite loss (`SafeTrainingMixin`)."""
 
