@@ -1,6 +1,8 @@
 # One command sets everything up and runs: `make test`, `make quality` or `make demo`.
 # Override TORCH_SPEC for another build, e.g. `make test TORCH_SPEC="torch==2.13.0 --index-url ..."`.
 PYTHON ?= python3
+# Test processes (pytest-xdist): one per core. Tests of a module stay in one process, so module fixtures build once.
+TEST_WORKERS ?= auto
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
@@ -22,7 +24,7 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # Lint and format check, as configured in pyproject.toml (`ruff format .` and `ruff check --fix .` repair most).
 quality: $(STAMP)
