@@ -14,6 +14,9 @@ import pytest  # noqa: E402  (the Hugging Face libraries read the variables abov
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `make test` runs one test process per core: a core each
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 TINY = {
     "vocab_size": 97,
     "n_positions": 64,

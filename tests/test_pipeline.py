@@ -555,7 +555,7 @@ def test_the_recipe_past_gpt2_runs_on_a_stand_in(tmp_path, monkeypatch, gpt2_tok
     mixture = json.dumps({"datasets": [{"id": str(rows), "columns": ["prompt", "chosen", "rejected"]}]})
     out = tmp_path / "run"
     overrides = [f"--model_name_or_path={stand_in}", "--dtype=float32", f"--dataset_mixture={mixture}",
-                 "--max_steps=2", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1",
+                 "--max_steps=2", "--per_device_train_batch_size=2", "--global_batch_size=2",
                  "--activation_checkpointing=false", "--eval_strategy=no", "--save_strategy=no", "--report_to=none",
                  "--push_to_hub=false", "--max_length=64", "--max_prompt_length=32", "--bf16=false",
                  f"--output_dir={out}", "--debug"]  # fmt: skip

@@ -28,6 +28,8 @@ SHARED_TRL = {
     "model_init_kwargs": "refused: the pipeline loads the model itself (TRL reads it only for a model given by name)",
     "overwrite_output_dir": "honoured: pipeline.prepare_output → check_output_dir, train_and_save",
     "allow_recipe_change": "honoured: pipeline.train_stage → check_resume_recipe",
+    "global_batch_size": "honoured: configs.BatchOptions → gradient_accumulation_steps for the launch's world size "
+    "(refused when it does not divide, or next to a gradient_accumulation_steps that disagrees)",
 }
 
 AUDIT: dict[str, dict[str, str]] = {
@@ -119,6 +121,8 @@ AUDIT: dict[str, dict[str, str]] = {
         "simpo_gamma": "honoured: losses.preference_loss (simpo)",
         "ref_logps_cache_dir": "honoured: DPOTrainer._precompute_ref_logps; refused without precompute_ref_log_probs",
         "prefix_sharing": "honoured: training/dpo.py (SharedPrefixPreferenceCollator)",
+        "group_pairs_by_prompt": "honoured: DPOTrainer._get_train_sampler (PromptGroupedSampler); checked in "
+        "DPOConfig.__post_init__",
     },
 }
 

@@ -35,11 +35,13 @@ from ..modeling.loading import load_model_and_tokenizer
 from ..training import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from ..training.checkpoints import check_output_dir, clear_previous_run, resume_checkpoint
 from .arguments import DataArguments, ModelArguments, default_lora_targets
+from .engine import check_engine_request, whole_weights_loading
 from .folder_lock import RunFolderLock
 from .integrations import describe_wandb_run, hub_push_possible, prepare_wandb, push_folder
 from .model_card import RunCard, model_type_of, prompt_style
 from .recipe import RESOLVED_RECIPE, parse_recipe, resolved_recipe, save_resolved_recipe
 from .resume_check import check_resume_recipe
+from .run_line import check_launch, launch_line, run_line
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +86,10 @@ DPO = Stage("DPO", DPOConfig, DPOTrainer, preference_data)
 def run(stage: Stage, argv: list[str]) -> Path:
     """Train one stage from a recipe and command-line overrides; returns the output folder."""
     model_args, data_args, args = parse_recipe((ModelArguments, DataArguments, stage.config_class), argv)
+    check_engine_request(args)  # an engine that cannot start here stops the run now, in one line
     check_trainable(args, data_args)
     wants_push = prepare_run(args)
+    logger.info(launch_line(args))  # the first line: what trains (check_launch stops the run if anything else would)
     with RunFolderLock(args.output_dir):  # no other run writes into this folder meanwhile
         return train_stage(stage, model_args, data_args, args, wants_push)
 
@@ -121,6 +125,8 @@ def train_stage(
             processing_class=tokenizer,
             peft_config=peft_config,
         )
+        check_launch(trainer)  # what the launcher asked for is what runs, or one line why not
+        logger.info(run_line(trainer))
         trainer.checkpoint_files = {RESOLVED_RECIPE: yaml.safe_dump(recipe, sort_keys=True)}
         example = data["train"][0] if len(data["train"]) else None  # the prompt format, for the card's quick start
         RunCard(trainer, stage.name, model_args, data_args, prompt_style(example)).install()  # also TRL's saves
@@ -369,7 +375,8 @@ def save_in_stock_format(folder: Path) -> None:
         return
     staging = folder / ".stock-export"
     shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while exporting
-    export_stock_gpt2(folder, staging)
+    with whole_weights_loading():  # the main process alone rereads the model: no ZeRO-3 partitioning collective
+        export_stock_gpt2(folder, staging)
     written = [p for p in staging.iterdir() if p.name in STOCK_MODEL_FILES or p.name.startswith("model")]
     for old in [folder / name for name in (*MODEL_CODE_FILES, "config.json")] + list(
         folder.glob("model*.safetensors*")

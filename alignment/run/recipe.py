@@ -25,6 +25,7 @@ import yaml
 from transformers.hf_argparser import string_to_bool
 from trl import TrlParser
 
+from ..training.configs import check_batch_keys
 from .machine import machine_defaults
 
 SECRET_KEYS = ("hub_token", "token", "wandb_api_key")
@@ -216,7 +217,10 @@ def parse_recipe(dataclass_types: tuple[type, ...], argv: list[str]) -> tuple[An
     parser.set_defaults_with_config(**fitted, **{k: checked_value(actions[k], k, v) for k, v in recipe.items()})
 
     try:
-        return tuple(parser.parse_args_into_dataclasses(args=overrides))
+        configs = tuple(parser.parse_args_into_dataclasses(args=overrides))
+        for config in configs:  # gradient_accumulation_steps: 1 next to global_batch_size, which only we see
+            check_batch_keys(config, explicit)
+        return configs
     except argparse.ArgumentError as error:
         raise RecipeError(str(error)) from None
     except (ValueError, TypeError) as error:  # a dataclass's own validation

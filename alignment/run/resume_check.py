@@ -41,9 +41,21 @@ def is_harmless(key: str) -> bool:
 
 
 def recipe_differences(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    ignored = derived_keys(saved, new)
     return {
-        key: (saved.get(key), new.get(key)) for key in sorted(set(saved) | set(new)) if saved.get(key) != new.get(key)
+        key: (saved.get(key), new.get(key))
+        for key in sorted(set(saved) | set(new))
+        if saved.get(key) != new.get(key) and key not in ignored
     }
+
+
+def derived_keys(saved: dict[str, Any], new: dict[str, Any]) -> set[str]:
+    """Settings derived from others, not chosen: with global_batch_size in both recipes, gradient_accumulation_steps
+    follows the world size (a run saved on 1 process and resumed on 2 keeps its batch); a different
+    global_batch_size or per-device batch is still a change."""
+    if saved.get("global_batch_size") is not None and new.get("global_batch_size") is not None:
+        return {"gradient_accumulation_steps"}
+    return set()
 
 
 def shown(differences: dict[str, tuple[Any, Any]]) -> str:

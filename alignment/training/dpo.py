@@ -6,11 +6,15 @@ A reply's log-probability is the sum, over the reply's tokens only, of log_softm
 TRL provides the rest: tokenisation, precomputed reference log-probs, PEFT, distributed training and logging. Our
 changes beyond the computation:
 
-* batches share each prompt between its two replies and pack pairs without padding (`shared_prefix.py`);
+* batches share each prompt between its replies (a pair's two, or all of a prompt's pairs in the batch, each
+  distinct reply once) and pack them without padding (`shared_prefix.py`); `group_pairs_by_prompt` shuffles
+  prompts rather than pairs, so that a prompt's pairs come in the same batch;
   `prefix_sharing: false` gives TRL's layout, [chosen rows; rejected rows], each padded, and so does a model whose
   token mixers would not keep the replies apart (`layouts.prefix_sharing_problem`, with one log line saying why);
 * with no reference model given, the reference is a frozen copy of the starting policy (TRL would reload it by name,
-  which fails for a model built in memory); with LoRA it is the base model with the adapter disabled;
+  which fails for a model built in memory), or, where its weights are partitioned (ZeRO-3's `zero.Init`, FSDP's
+  RAM-efficient loading), reloaded by name as TRL does (`starting_reference`); with LoRA it is the base model with
+  the adapter disabled;
 * reference-free losses (SimPO) keep no reference at all;
 * a Mixture-of-Experts model whose config declares a router auxiliary loss gets TRL's own loss computation, on
   TRL's rows, with that loss added as TRL adds it (said in one log line);
@@ -43,7 +47,8 @@ from .logprobs import add_logprob_head
 from .losses import TRL_LOSS_TYPES, PreferenceLoss, ReplyLogps, preference_loss
 from .reference_cache import cache_path, load_reference_logps, save_reference_logps, token_ids_digest
 from .safety import SafeTrainingMixin
-from .shared_prefix import SharedPrefixPreferenceCollator
+from .sharding import ShardingMixin
+from .shared_prefix import PromptGroupedSampler, SharedPrefixPreferenceCollator
 
 logger = logging.getLogger(__name__)
 SYNCED_REFERENCE_FILE = "synced_reference.safetensors"  # TR-DPO's reference, in every checkpoint
@@ -77,7 +82,85 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return reference
 
 
-class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
+def weights_partitioned(model: torch.nn.Module) -> bool:
+    """Whether this process holds only part of the model's weights: the empty placeholders of DeepSpeed ZeRO-3's
+    `zero.Init` (parameters with a `ds_id`, their data in `ds_tensor`), or the meta tensors of FSDP's RAM-efficient
+    loading on the processes other than the first. A copy of such a model copies nothing."""
+    return any(hasattr(p, "ds_id") or p.is_meta for p in model.parameters())
+
+
+def starting_reference(model: torch.nn.Module, args: DPOConfig) -> torch.nn.Module:
+    """The reference policy: a frozen copy of the starting policy when its weights are whole (`frozen_copy`); when
+    they are partitioned, the same model reloaded from its folder or Hub id, as TRL does, with the policy's class,
+    dtype and attention and `model_init_kwargs`, and checked against the policy's own weights (as far as this
+    process holds them), so that it is partitioned the same way (and prepared for the engine by TRL)."""
+    if not weights_partitioned(model):
+        return frozen_copy(model)
+    path = get_config_model_id(model.config)
+    if not path:
+        raise ValueError(
+            "the DPO reference is the starting policy, whose weights are partitioned here (DeepSpeed ZeRO-3's "
+            "zero3_init_flag or FSDP's cpu_ram_efficient_loading) and which has no folder or Hub id to reload them "
+            "from; load the model from a saved folder (model_name_or_path), or turn that loading option off"
+        )
+    init_kwargs = dict(args.model_init_kwargs or {})
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        init_kwargs["device_map"] = None  # distributed training needs it ("auto" fails)
+    init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    init_kwargs.setdefault("dtype", model.dtype)
+    init_kwargs.setdefault("attn_implementation", model.config._attn_implementation)
+    reference = create_model_from_path(path, architecture=type(model), **init_kwargs)
+    differs = first_difference(model, reference)
+    if differs is not None:
+        raise ValueError(
+            f"the DPO reference reloaded from {path} is not the starting policy ({differs}): the policy was built or "
+            "changed in memory (a model_config, resized embeddings); save it to a folder and load it from there"
+        )
+    logger.info("DPO reference reloaded from %s (the policy's weights are partitioned: no copy)", path)
+    reference.eval().requires_grad_(False)
+    return reference
+
+
+def first_difference(policy: torch.nn.Module, reference: torch.nn.Module) -> str | None:
+    """The first parameter in which a reloaded reference differs from the policy, as far as this process holds
+    both (ZeRO-3: its partitions; meta tensors: shapes only), or None. Under ZeRO-3 every process reloads, so the
+    processes agree on the answer and fail together rather than leave the others waiting."""
+    ours, theirs = dict(policy.named_parameters()), dict(reference.named_parameters())
+    problem = None
+    if ours.keys() != theirs.keys():
+        problem = f"parameters {sorted(ours.keys() ^ theirs.keys())[:3]} are in one model only"
+    for name, p in ours.items() if problem is None else ():
+        r = theirs[name]
+        p_data, r_data = getattr(p, "ds_tensor", p), getattr(r, "ds_tensor", r)
+        p_shape, r_shape = tuple(getattr(p, "ds_shape", p.shape)), tuple(getattr(r, "ds_shape", r.shape))
+        if hasattr(p, "ds_tensor") and not hasattr(r, "ds_tensor") and not r.is_meta:
+            r_data = zero3_partition(r, p_data.numel())  # a whole reference: the part this process holds of p
+        if p_shape != r_shape or p.dtype != r.dtype:
+            problem = f"{name} is {r_shape} {r.dtype}, not {p_shape} {p.dtype}"
+        elif p_data.is_meta or r_data.is_meta or (hasattr(r, "ds_tensor") and not hasattr(p, "ds_tensor")):
+            continue  # nothing (comparable) held here
+        elif not torch.equal(p_data.detach().cpu(), r_data.detach().cpu()):
+            problem = f"{name} holds other values"
+        if problem is not None:
+            break
+    first = next(policy.parameters(), None)
+    if hasattr(first, "ds_id") and torch.distributed.is_initialized():
+        flag = torch.tensor([float(problem is not None)], device=first.ds_tensor.device)  # NCCL: on the GPU
+        torch.distributed.all_reduce(flag)
+        if flag.item() and problem is None:
+            problem = "another process found a difference"
+    return problem
+
+
+def zero3_partition(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """This process's part of a whole tensor as ZeRO-3 partitions it: its rank's `size` elements of the flattened
+    tensor, zero-padded to a multiple of the world size."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    flat = tensor.detach().flatten()[rank * size : (rank + 1) * size]
+    return torch.cat([flat, flat.new_zeros(size - flat.numel())])
+
+
+class DPOTrainer(SafeTrainingMixin, ShardingMixin, trl.DPOTrainer):
     """TRL's DPO trainer; see the module docstring for what is ours, and `SafeTrainingMixin` for its safety."""
 
     def __init__(
@@ -103,7 +186,7 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
         uses_adapter = peft_config is not None or is_peft_model(model)
         builds_reference = not (uses_adapter or args.precompute_ref_log_probs or isinstance(model, str))
         if ref_model is None and builds_reference:
-            ref_model = frozen_copy(model)
+            ref_model = starting_reference(model, args)
         # TRL may compute reference log-probs inside its __init__, so the heads go on first (and under any adapter)
         for module in (model, ref_model):
             if isinstance(module, torch.nn.Module):
@@ -123,6 +206,13 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
             if problem is not None:
                 logger.warning("prefix_sharing is off for this model: %s; pairs use TRL's layout", problem)
                 self.prefix_sharing = False
+        if args.group_pairs_by_prompt and not self.prefix_sharing:
+            logger.warning("group_pairs_by_prompt is off: without prefix sharing a prompt's pairs share nothing")
+        if args.group_pairs_by_prompt and isinstance(kwargs.get("train_dataset"), torch.utils.data.IterableDataset):
+            raise ValueError(
+                "group_pairs_by_prompt needs a map-style dataset: an iterable one is read in its own order; drop "
+                "group_pairs_by_prompt (or streaming)"
+            )
         if self.prefix_sharing:
             data_collator = SharedPrefixPreferenceCollator(ensure_pad_token(tokenizer).pad_token_id, args.max_length)
             # accelerate's dispatcher (its default for an iterable dataset) would cut every tensor of a batch to the
@@ -192,6 +282,16 @@ class DPOTrainer(SafeTrainingMixin, trl.DPOTrainer):
             return
         load_model(self.accelerator.unwrap_model(self.ref_model), str(path))
         logger.info("synced reference model restored from %s", path)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """With `group_pairs_by_prompt`, prompts are shuffled rather than pairs (`PromptGroupedSampler`), so that a
+        prompt's pairs share batches and the collator computes the prompt once for them."""
+        if not (self.args.group_pairs_by_prompt and self.prefix_sharing):
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        prompts = dataset["prompt_ids"] if isinstance(dataset, Dataset) else [row["prompt_ids"] for row in dataset]
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return PromptGroupedSampler(prompts, seed)
 
     # --- log-probs -----------------------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """The two batch layouts of preference pairs, scored alike, and when the shared-prefix one is exact.
 
 * TRL's layout: rows [prompt + chosen; prompt + rejected], right-padded, reply tokens marked by `completion_mask`.
-* The shared-prefix layout (`shared_prefix.py`): one packed [prompt, chosen, rejected] sequence per pair, several
-  pairs to a row, kept apart by a 4D attention mask and restarting positions.
+* The shared-prefix layout (`shared_prefix.py`): one packed [prompt, reply, reply, …] sequence per prompt (the pairs
+  of a batch with that prompt, each distinct reply once), several to a row, kept apart by a 4D attention mask and
+  restarting positions.
 
 The shared-prefix layout gives the same log-probs only if every token mixer of the model obeys the 4D mask and the
 position ids. Attention does; a convolution or a state-space layer (LFM2, Mamba, Nemotron-H hybrids) carries state
@@ -93,12 +94,18 @@ def score_batch(model: Any, inputs: dict[str, Any], with_log_sum_sq: bool = Fals
     """Log-probs of all reply tokens of a batch in either layout (the model has `add_logprob_head`)."""
     mode = "with_log_sum_sq" if with_log_sum_sq else True
     if "score_targets" in inputs:  # shared prefix, packed
+        positions, targets = inputs["score_positions"], inputs["score_targets"]
+        unique = inputs.get("score_unique")  # a token several pairs share is scored once, then copied to each
+        if unique is not None:
+            positions, targets = positions[unique], targets[unique]
         out = model(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-            position_ids=inputs["position_ids"], score_positions=inputs["score_positions"],
-            score_targets=inputs["score_targets"], token_logps=mode,
+            position_ids=inputs["position_ids"], score_positions=positions, score_targets=targets, token_logps=mode,
         )  # fmt: skip
         logps, log_sum_sq = out if with_log_sum_sq else (out, None)
+        if unique is not None:
+            inverse = inputs["score_inverse"]
+            logps, log_sum_sq = logps[inverse], None if log_sum_sq is None else log_sum_sq[inverse]
         num_pairs = inputs["pair_lengths"].numel()
         return ScoredTokens(logps, inputs["score_pairs"], inputs["score_rejected"], num_pairs, log_sum_sq)
     # TRL's layout: rows [chosen; rejected], prompt repeated, right-padded
