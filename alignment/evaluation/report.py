@@ -40,7 +40,10 @@ The data is any preference source `alignment.data` reads: a local .jsonl/.json/.
 `--split` is ignored), a folder or a Hub id (`--split`, default "test"), in the hh, rm-static, stack-exchange or TRL
 preference shape; conversational pairs (message lists) go through the policy tokenizer's chat template as the DPO
 trainer renders them (`--chat_template` picks another). Pairs longer than the models' positions are left out (and
-counted) rather than truncated.
+counted) rather than truncated. Pairs are scored as the DPO trainer scores them: each one packed sequence [prompt,
+chosen, rejected], batches of `--batch_size` pairs of similar lengths, policy and reference on each batch in turn; a
+model that layout would give other log-probs (recurrent layers, a sliding window shorter than the pairs) gets one
+padded row a reply instead, with one warning line saying why.
 
 Printed as a table and written with `--output_json`:
   * with a reference: implicit-reward accuracy (β·log π/π_ref higher for the chosen reply), mean reward margin and
@@ -78,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out pairs longer than this many tokens (default: the models' positions)",
     )
     parser.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward and the DPO loss")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument(
+        "--batch_size", type=int, default=16, help="pairs a scoring batch; prompts a generation or judging batch"
+    )
     parser.add_argument("--output_json", default=None, help="write the results here as JSON")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     judge = parser.add_argument_group("judged win rate (needs --reference)")
