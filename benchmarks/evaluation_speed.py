@@ -2,6 +2,7 @@
 issue measured it, against the path `preference_scores` takes, on the same pairs, weights and batch size.
 
     python -m benchmarks.evaluation_speed --model llama --layers 4 --pairs 40
+    python -m benchmarks.evaluation_speed --pairs 400 --positions_only   # the work each side does, no timing
 
 Sides, each scoring every pair under a policy and a reference (random weights, saved once and loaded with
 `load_causal_lm`, as evaluate.py loads checkpoints):
@@ -218,7 +219,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--sides", default="per-reply,packed-unsorted,evaluate", help="comma-separated")
+    parser.add_argument(
+        "--positions_only", action="store_true", help="count each side's positions only (no model, no timing)"
+    )
     args = parser.parse_args(argv)
+    if args.positions_only:
+        from alignment.modeling.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer("gpt2")
+        pairs, source = held_out_pairs(args.data, args.pairs, tokenizer, args.max_length)
+        counts = positions(tokenizer, pairs, args.batch_size)
+        print(f"{len(pairs)} pairs from {source}, batch_size {args.batch_size}; positions through the layers:")
+        print(", ".join(f"{k} {v}" for k, v in counts.items()))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     from alignment.evaluation.loading import load_causal_lm

@@ -1,7 +1,6 @@
-"""scripts/check_gpu.py, the prepared GPU check: on a machine without a GPU it stops in one line, before any work;
+"""scripts/check_gpu.py (benchmarks/gpu_check.py), the prepared GPU check: on a machine without a GPU it stops in one line, before any work;
 its checks and its report are exercised here on CPU with a tiny model (the GPU figures come from a GPU machine)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,10 +13,9 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "check_gpu.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("check_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import gpu_check
+
+    return gpu_check
 
 
 def test_without_a_gpu_it_stops_in_one_line(tmp_path):

@@ -261,3 +261,27 @@ def test_evaluate_command_says_in_one_line_when_it_cannot_pack(saved, gpt2_token
     expected = scores_from_logps(*per_reply([model], gpt2_tokenizer, mixed_pairs()) * 2, beta=0.1)
     for field, value in expected.as_dict().items():
         assert abs(scores[field] - value) <= 1e-5, field
+
+
+def test_the_benchmarks_sides_agree_and_count_their_work(gpt2_tokenizer):
+    """benchmarks/evaluation_speed.py's other sides (the old paths) on a tiny model: the numbers it compares agree,
+    its comparison fails on a difference, and its counts of the work are the layouts' (per-reply rows the most)."""
+    from benchmarks.evaluation_speed import compare, evaluate_path, packed_unsorted, per_reply, positions
+
+    policy, reference = models("transformers-llama")
+    rows = mixed_pairs()
+    old = per_reply([policy, reference], gpt2_tokenizer, rows, 4)
+    old_scores = scores_from_logps(old[0], old[1], beta=0.1)
+    for logps, scores in (
+        (packed_unsorted([policy, reference], gpt2_tokenizer, rows, 4), None),
+        evaluate_path(policy, reference, gpt2_tokenizer, rows, 4),
+    ):
+        scores = scores or scores_from_logps(logps[0], logps[1], beta=0.1)
+        worst, relative = compare("side", logps, old, scores, old_scores)
+        assert worst <= 1e-5 and relative <= 1e-6
+    shifted = [ReplyLogps(part.chosen + 1e-3, part.rejected, part.chosen_length, part.rejected_length) for part in old]
+    with pytest.raises(SystemExit, match="differ from the per-reply rows'"):
+        compare("side", shifted, old, scores_from_logps(shifted[0], shifted[1], beta=0.1), old_scores)
+    counts = positions(gpt2_tokenizer, rows, 4)
+    assert counts["per-reply"] > max(counts["packed-unsorted"], counts["evaluate"])
+    assert counts["reply tokens"] == sum((part.chosen_length + part.rejected_length).sum().item() for part in old[:1])

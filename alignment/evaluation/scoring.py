@@ -11,8 +11,10 @@ allows (`shared_prefix_logps`): the pairs are tokenised once, in batched tokeniz
 pairs sorted by length (a prompt's pairs kept together, so the collator computes a prompt they share once), so rows
 hold almost no padding and the scores are put back in the data's order; policy and reference run on each collated
 batch in turn, without autograd; and the head computes log p(target) alone, without the entropy and
-top-1 statistics the training head adds for SFT's metrics (`_ReplyHead`). On HH-RLHF pairs this is several times
-faster than one padded row a reply (`benchmarks/evaluation_speed.py`).
+top-1 statistics the training head adds for SFT's metrics (`_ReplyHead`). On 40 HH-RLHF pairs a SmolLM2-135M-shaped
+Llama computes 3.3x fewer positions than with one padded row a reply (4.4x on 400 pairs) and scores them about 3x
+faster on CPU; against the packed path in the data's order, 7% fewer positions and a head a quarter cheaper
+(`benchmarks/evaluation_speed.py`).
 
 `prefix_sharing=False` gives one right-padded row per reply instead (`reply_logps`, rows sorted by length), as
 does, with one warning line, a model for which the packed layout would not be exact
@@ -191,7 +193,7 @@ class _ReplyHead:
     """A model called as `score_batch` calls one with `add_logprob_head` in the packed layout, whose head computes
     log p(target) = z[target] − logsumexp(z) alone, in the training head's chunks and steps (so the same numbers):
     the training head also takes each scored token's softmax, entropy and top-1 hit (SFT's metrics), which on a
-    50k-word vocabulary cost about as much again as the log-probs, the matrix product aside."""
+    50k-word vocabulary makes it a third slower (1,600 tokens x GPT-2's head on CPU: 4.1 s against 3.0 s)."""
 
     def __init__(self, model: PreTrainedModel):
         self.model = model.eval()
@@ -216,7 +218,8 @@ class _ReplyHead:
 
 def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
     """`logits.logsumexp(dim=1)` in torch's own steps, overwriting `logits` rather than allocating a copy of it
-    (a chunk of the head's rows, 200 MB: on CPU its allocation and first touch cost a tenth of the head's time)."""
+    (a chunk of the head's rows, up to 200 MB: on CPU allocating and first touching it costs about a tenth of the
+    head's time)."""
     top = logits.amax(dim=1, keepdim=True)
     top.masked_fill_(top.abs() == float("inf"), 0)  # as torch does: a row of -inf keeps -inf, not NaN
     return logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
