@@ -10,8 +10,6 @@ and after training, and what it saw of the process group. Both ranks must end wi
 
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import preference_rows
+from tests.distributed_runs import environment, free_port  # noqa: F401  (free_port: tests/test_launch.py)
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_CONFIG = REPO / "accelerate_configs" / "cpu_2proc.yaml"
@@ -77,12 +76,6 @@ info = {
 """
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_inputs(tmp_path: Path) -> tuple[Path, Path]:
     data = tmp_path / "pairs.jsonl"
     rows = preference_rows(PAIRS) + [{"prompt": "Human: hi", "chosen": " same", "rejected": " same"}]  # dropped
@@ -122,15 +115,7 @@ def test_dpo_on_two_cpu_processes_keeps_the_ranks_in_step(tmp_path, gpt2_tokeniz
         str(wrapper), str(recipe),
         f"--output_dir={output_dir}",
     ]  # fmt: skip
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"),
-        "ALIGNMENT_DEBUG": "1",  # a traceback, not one line, if a rank fails
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
+    env = environment(tmp_path)
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, f"launch failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
 

@@ -7,8 +7,6 @@ the same global batch is no recipe change. One real launch shows 1 and 2 process
 
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +19,7 @@ from alignment.run.recipe import RecipeError, parse_recipe, resolved_recipe
 from alignment.run.resume_check import recipe_differences
 from alignment.training.configs import DPOConfig, SFTConfig
 from tests.conftest import preference_rows
+from tests.distributed_runs import environment, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_2PROC = REPO / "accelerate_configs" / "cpu_2proc.yaml"
@@ -128,12 +127,6 @@ def test_a_resume_on_another_world_size_with_the_same_global_batch_is_no_change(
 GLOBAL_BATCH, PER_DEVICE, STEPS, PAIRS = 4, 2, 2, 16
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def step_logs(output_dir: Path) -> list[dict]:
     state = json.loads((output_dir / "trainer_state.json").read_text())
     return [entry for entry in state["log_history"] if "loss" in entry]
@@ -168,15 +161,7 @@ def test_one_and_two_processes_train_on_the_same_rows_per_step(tmp_path, gpt2_to
     }
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"),
-        "ALIGNMENT_DEBUG": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
+    env = environment(tmp_path)
     two = tmp_path / "two"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
