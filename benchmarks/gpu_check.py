@@ -1,5 +1,6 @@
-"""The GPU check behind `scripts/check_gpu.py`: a few bf16 SFT and DPO steps on one CUDA GPU with our trainers and with stock TRL, on the same weights
-and rows; asserts equal first losses and prints tokens/s (SFT), pairs/s (DPO) and peak GPU memory of both.
+"""The GPU check behind `scripts/check_gpu.py`: a few bf16 (or, with --dtype fp32, fp32) SFT and DPO steps on one
+CUDA GPU with our trainers and with stock TRL, on the same weights and rows; asserts equal first losses and prints
+tokens/s (SFT), pairs/s (DPO) and peak GPU memory of both.
 
     python scripts/check_gpu.py --prepare            # here, where PyPI answers: wheels + GPT-2's tokenizer in .whl/
     # then, on the GPU machine (no network needed), from the repo root with .whl/ beside it:
@@ -69,14 +70,14 @@ def prepare(folder: Path = PREPARED) -> None:
     print(f"prepared {folder}: {len(pins)} wheels and GPT-2's tokenizer, {size:.0f} MiB; carry it to the GPU machine")
 
 
-def ready_line() -> str | None:
-    """Why this machine cannot run the check (one line), or None."""
+def ready_line(dtype: str = "bf16") -> str | None:
+    """Why this machine cannot run the check in `dtype` (one line), or None."""
     import torch
 
     if not torch.cuda.is_available():
         return NO_GPU
-    if not torch.cuda.is_bf16_supported():
-        return f"check_gpu: {torch.cuda.get_device_name()} has no bf16; the check is a bf16 one (nothing was measured)"
+    if dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        return f"check_gpu: {torch.cuda.get_device_name()} has no bf16; run it with --dtype fp32 (nothing was measured)"
     found = {name: metadata.version(name) for name in NEEDED}
     wrong = [f"{name} {version}" for name, version in found.items() if not version.startswith(NEEDED[name])]
     if wrong:
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--dtype", choices=("bf16", "fp32"), default="bf16", help="both sides' precision (default bf16, as trained)"
+    )
     options = parser.parse_args(argv)
     if options.prepare:
         return prepare()
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("ALIGNMENT_CACHE", str(TOKENIZER_CACHE))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no Hub: fail at once rather than retry
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # the sides' fork server never initialises CUDA
-    problem = ready_line()
+    problem = ready_line(options.dtype)
     if problem is not None:
         raise SystemExit(problem)
 
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     reports, checks = {}, []
     for task in ("sft", "dpo"):
         settings = Settings(
-            task=task, model=options.model, dtype="bf16", batch_size=options.batch_size,
+            task=task, model=options.model, dtype=options.dtype, batch_size=options.batch_size,
             max_length=options.max_length, warmup=options.warmup, steps=options.steps,
         )  # fmt: skip
         try:
@@ -149,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "tolerance": f"|ours - trl| <= {TOLERANCE} * max(1, |trl|) at the first step (bf16)",
+        "dtype": options.dtype,
+        "tolerance": f"|ours - trl| <= {TOLERANCE} * max(1, |trl|) at the first step ({options.dtype})",
         "checks": checks,
         "reports": reports,
     }
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_summary(summary: dict) -> None:
     """One row per task and side: rate, peak GPU memory (each against stock TRL's), first loss; then the checks."""
-    print(f"\nGPU check · {summary['device']} · torch {summary['torch']} (CUDA {summary['cuda']}) · bf16")
+    print(f"\nGPU check · {summary['device']} · torch {summary['torch']} (CUDA {summary['cuda']}) · {summary['dtype']}")
     print(f"{'task':<6}{'side':<7}{'rate':>22}{'vs trl':>9}{'peak GPU GiB':>14}{'vs trl':>9}{'first loss':>12}")
     for task, report in summary["reports"].items():
         rate = "pairs_per_second" if task == "dpo" else "tokens_per_second"

@@ -269,7 +269,7 @@ def run_side(settings: dict[str, Any], side: str, weights: str, rows: list[dict[
             prefix=f"{side}-output-", dir=Path(weights).parent
         ),  # removed with the run's folder
         per_device_train_batch_size=options.batch_size,
-        max_steps=options.total_steps,
+        max_steps=options.total_steps if side == PROFILED_SIDE else timed_end,  # the profiled steps: one side's
         max_length=options.max_length,
         learning_rate=1e-6,
         lr_scheduler_type="constant",  # so the losses do not depend on the number of steps (--steps, --profile)

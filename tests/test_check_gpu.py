@@ -53,10 +53,12 @@ def test_the_check_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys
     script = load_script()
     for key, value in {"ALIGNMENT_CACHE": str(default_cache_dir()), "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}.items():
         monkeypatch.setenv(key, value)  # main() only sets what is unset: these are restored after the test
-    monkeypatch.setattr(script, "ready_line", lambda: None)
+    monkeypatch.setattr(script, "ready_line", lambda dtype: None)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "CPU (test)")
     out = tmp_path / "gpu.json"
+    # fp32: this CPU multiplies bf16 60-100x slower; the bf16 settings themselves are test_benchmark's
     tiny = ["--model", "tiny", "--batch_size", "2", "--max_length", "64", "--warmup", "1", "--steps", "1"]
+    tiny += ["--dtype", "fp32"]
     script.main([*tiny, "--output_json", str(out)])
     printed = capsys.readouterr().out
     assert "all first-step values agree" in printed and "pairs/s" in printed and "tokens/s" in printed
