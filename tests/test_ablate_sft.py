@@ -3,6 +3,7 @@ torch thread, on a busy 2-core machine much faster than two): the files it write
 0% run that really had no SFT, accuracies that are shares, a valid PNG, and the full fine-tuning vs LoRA comparison."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -163,15 +164,22 @@ def test_bad_fractions_are_refused_before_anything_runs(fractions, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_fractions_skip_lora_and_a_second_study_into_the_same_folder(tmp_path):
-    """--fractions picks the rows, --skip_lora trains no 100% model it does not need, and running the study again
-    replaces its runs (the pipeline itself refuses to overwrite a saved run)."""
-    argv = ["--quick", "--threads", "1", "--fractions", "0", "--skip_lora", "--output_dir", str(tmp_path), "--debug"]
-    run_cli(ablate.main, argv)
+def test_fractions_skip_lora_and_a_second_study_into_the_same_folder(study, tmp_path):
+    """A second study into a copy of the first one's folder: --fractions picks the rows, --skip_lora trains no 100%
+    model it does not need and drops the first study's LoRA comparison (it would read as this one's), the runs it
+    trains again replace theirs (the pipeline itself refuses to overwrite a saved run), and the runs it does not
+    train are left as they were."""
+    shutil.copytree(study, tmp_path, dirs_exist_ok=True)
     (tmp_path / "sft-0" / "stale-file").write_text("from the first study")
+    untouched = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in ("sft-50", "dpo-from-sft-100")}
+    argv = ["--quick", "--threads", "1", "--fractions", "0", "--skip_lora", "--output_dir", str(tmp_path), "--debug"]
     run_cli(ablate.main, argv)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [row["sft_fraction"] for row in rows] == [0.0]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["data", "dpo-from-sft-0", "sft-0"]
-    assert not (tmp_path / "lora.json").exists() and not (tmp_path / "sft-0" / "stale-file").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(["data", "logs", *RUN_FOLDERS])
+    assert not (tmp_path / "lora.json").exists() and not (tmp_path / "lora.md").exists()
+    assert not (tmp_path / "sft-0" / "stale-file").exists()
+    assert (tmp_path / "dpo-from-sft-0" / "train.log").stat().st_mtime > (study / "dpo-from-sft-0").stat().st_mtime
+    for name, weights_bytes in untouched.items():
+        assert (tmp_path / name / "model.safetensors").read_bytes() == weights_bytes, name
     assert len((tmp_path / "results.md").read_text().strip().splitlines()) == 3

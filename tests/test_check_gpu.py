@@ -56,7 +56,7 @@ def test_the_check_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(script, "ready_line", lambda dtype: None)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "CPU (test)")
     out = tmp_path / "gpu.json"
-    # fp32: this CPU multiplies bf16 60-100x slower; the bf16 settings themselves are test_benchmark's
+    # fp32: this CPU multiplies bf16 60-100x slower (the benchmark in bf16: test_benchmark's sft-bf16)
     tiny = ["--model", "tiny", "--batch_size", "2", "--max_length", "64", "--warmup", "1", "--steps", "1"]
     tiny += ["--dtype", "fp32"]
     script.main([*tiny, "--output_json", str(out)])

@@ -3,9 +3,10 @@ the same `trl-internal-testing/...` ids and run with no network.
 
 - Models: each tiny model is built here (random weights, TRL's tiny sizes) and written into a Hugging Face cache
   folder in the Hub's own layout (`models--owner--name/refs/main`, `snapshots/<commit>/`), so `from_pretrained` on
-  the id goes through the real Hub code path in offline mode. The tokenizer is GPT-2's (rebuilt offline) with the
-  model family's special tokens added and the family's chat template as TRL ships it (`trl/chat_templates`), so
-  TRL's template detection (e.g. for `assistant_only_loss`) behaves as it does on the real tiny models.
+  the id goes through the real Hub code path in offline mode. The tokenizer is GPT-2's (rebuilt offline, cut to its
+  first 16,384 tokens: `VOCABULARY`) with the model family's special tokens added and the family's chat template as
+  TRL ships it (`trl/chat_templates`), so TRL's template detection (e.g. for `assistant_only_loss`) behaves as it
+  does on the real tiny models.
 - Datasets: `load_dataset` answers the `trl-internal-testing/zen` configs from rows built here from the Zen of
   Python, split 17 train / 2 test as TRL's are; any other name goes to `datasets.load_dataset`.
 """
@@ -23,6 +24,8 @@ import torch
 import transformers
 from huggingface_hub import constants
 
+from benchmarks.trl_comparison import cut_tokenizer
+
 OWNER = "trl-internal-testing"
 TEMPLATES = Path(__import__("trl").__file__).parent / "chat_templates"
 CHATML = TEMPLATES / "qwen2_5.jinja"
@@ -31,6 +34,12 @@ SPECIAL_TOKEN = re.compile(
     r"<\|[A-Za-z0-9_]{1,40}\|>|<｜[^｜<>]{1,40}｜>|</?(?:start_of_turn|end_of_turn|bos|eos|think|tool_call|sop)>"
     r"|\[/?INST\]|\[gMASK\]"
 )
+# GPT-2's first 16,383 tokens (the bytes and the merges that made the most common words) and end-of-text: the
+# models' output layer, most of what a model 8 wide computes, is 3x narrower than over GPT-2's 50,257 tokens. Text
+# is spelled in a few more, shorter tokens (Zen: 179 against 164); 16,384 is the smallest power of two at which TRL's
+# packing tests pack the Zen rows into the 3 rows of 64 tokens they expect (2,048 made 4). TRL's own tiny models keep
+# their families' tokenizers, whose output layers are wider still.
+VOCABULARY = 16384
 SMALL = dict(hidden_size=8, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=32)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 
@@ -46,7 +55,6 @@ class TinyModel:
     bos: str | None = None
     model_class: type = transformers.AutoModelForCausalLM
     fp32_params: tuple = ()  # parameter name fragments kept in float32, as the real checkpoint keeps them
-    remote_code: bool = False  # shipped as the repository's own code (`REMOTE_CODE`), loaded with trust_remote_code
     remote_code: dict | None = None  # a `trust_remote_code` repository: its config.json fields and code files
 
 
@@ -145,17 +153,6 @@ REPOSITORIES = {
         fp32_params=("A_log", "mixer.D"),
     ),
 }
-# TRL's tiny-RemoteForCausalLM: Llama under a `remote` model type whose classes are the repository's own code files.
-REPOSITORIES["tiny-RemoteForCausalLM"] = TinyModel(transformers.LlamaConfig, remote_code=True)
-REMOTE_CODE = {
-    "configuration_remote.py": (
-        'from transformers import LlamaConfig\n\n\nclass RemoteConfig(LlamaConfig):\n    model_type = "remote"\n'
-    ),
-    "modeling_remote.py": (
-        "from transformers import LlamaForCausalLM\n\nfrom .configuration_remote import RemoteConfig\n\n\n"
-        "class RemoteForCausalLM(LlamaForCausalLM):\n    config_class = RemoteConfig\n"
-    ),
-}
 REPOSITORIES["tiny-DeepseekV3ForCausalLM-0528"] = REPOSITORIES["tiny-DeepseekV3ForCausalLM"]
 # A name with an owner is that repository itself: TRL tests clone the chat template of `Qwen/Qwen3-4B`.
 REPOSITORIES["Qwen/Qwen3-4B"] = REPOSITORIES["tiny-Qwen3ForCausalLM"]
@@ -196,8 +193,9 @@ def chat_template(name: str | None) -> str | None:
 
 
 def tokenizer_for(spec: TinyModel, gpt2_tokenizer):
-    """GPT-2's BPE with the family's special tokens (found in its chat template) and its eos/bos/pad."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gpt2_tokenizer.name_or_path)
+    """GPT-2's BPE, cut to VOCABULARY tokens, with the family's special tokens (found in its chat template) and its
+    eos/bos/pad."""
+    tokenizer = cut_tokenizer(transformers.AutoTokenizer.from_pretrained(gpt2_tokenizer.name_or_path), VOCABULARY)
     template = chat_template(spec.template)
     specials = sorted(set(SPECIAL_TOKEN.findall(template or "")) | {spec.eos} | ({spec.bos} if spec.bos else set()))
     tokenizer.add_special_tokens({"additional_special_tokens": [t for t in specials if t != "<|endoftext|>"]})
@@ -230,16 +228,6 @@ def build(name: str, folder: Path, gpt2_tokenizer) -> None:
     )
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    if spec.remote_code:
-        for file, source in REMOTE_CODE.items():
-            (folder / file).write_text(source)
-        saved = json.loads((folder / "config.json").read_text())
-        saved |= dict(model_type="remote", architectures=["RemoteForCausalLM"])
-        saved["auto_map"] = {
-            "AutoConfig": "configuration_remote.RemoteConfig",
-            "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM",
-        }
-        (folder / "config.json").write_text(json.dumps(saved, indent=2))
     if spec.remote_code:  # the Llama checkpoint, re-labelled as the custom class its code files define
         files = dict(spec.remote_code)
         config_path = folder / "config.json"
