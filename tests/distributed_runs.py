@@ -96,10 +96,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_recipe(tmp_path: Path, **overrides) -> Path:
-    """A tiny DPO/SFT recipe over GPT-2's tokenizer and a preference file (SFT trains on prompt + chosen)."""
+def write_recipe(tmp_path: Path, pairs: int = 32, extra_rows: tuple[dict, ...] = (), **overrides) -> Path:
+    """A tiny DPO/SFT recipe over GPT-2's tokenizer and a file of `pairs` preference rows, then `extra_rows` (SFT
+    trains on prompt + chosen); `overrides` set or replace recipe fields."""
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in preference_rows(32)), encoding="utf-8")
+    rows = [*preference_rows(pairs), *extra_rows]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     recipe = {
         "model_config": "gpt2",  # vocab stays 50257, GPT-2's tokenizer
         "model_config_overrides": {"n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 64},

@@ -16,11 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import preference_rows
-from tests.distributed_runs import environment, free_port  # noqa: F401  (free_port: tests/test_launch.py)
+from tests.distributed_runs import environment, free_port, write_recipe  # noqa: F401  (free_port: test_launch)
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_CONFIG = REPO / "accelerate_configs" / "cpu_2proc.yaml"
@@ -77,27 +75,11 @@ info = {
 
 
 def write_inputs(tmp_path: Path) -> tuple[Path, Path]:
-    data = tmp_path / "pairs.jsonl"
-    rows = preference_rows(PAIRS) + [{"prompt": "Human: hi", "chosen": " same", "rejected": " same"}]  # dropped
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    recipe = {
-        "model_config": "gpt2",  # vocab stays 50257, GPT-2's tokenizer
-        "model_config_overrides": {"n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 64},
-        "dataset_name": str(data),
-        "max_length": 48,
-        "beta": 0.1,
-        "learning_rate": 1.0e-3,
-        "per_device_train_batch_size": PER_DEVICE_BATCH,
-        "max_steps": STEPS,
-        "logging_steps": 1,
-        "activation_checkpointing": False,
-        "eval_strategy": "no",
-        "save_strategy": "no",
-        "report_to": "none",
-        "seed": 0,
-    }
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    same = {"prompt": "Human: hi", "chosen": " same", "rejected": " same"}  # dropped
+    recipe_path = write_recipe(
+        tmp_path, pairs=PAIRS, extra_rows=(same,), beta=0.1, per_device_train_batch_size=PER_DEVICE_BATCH,
+        max_steps=STEPS,
+    )  # fmt: skip
     wrapper = tmp_path / "run_dpo_and_dump.py"
     wrapper.write_text(WRAPPER, encoding="utf-8")
     return recipe_path, wrapper

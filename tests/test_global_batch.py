@@ -18,8 +18,7 @@ from alignment.run.arguments import DataArguments, ModelArguments
 from alignment.run.recipe import RecipeError, parse_recipe, resolved_recipe
 from alignment.run.resume_check import recipe_differences
 from alignment.training.configs import DPOConfig, SFTConfig
-from tests.conftest import preference_rows
-from tests.distributed_runs import environment, free_port
+from tests.distributed_runs import environment, free_port, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_2PROC = REPO / "accelerate_configs" / "cpu_2proc.yaml"
@@ -137,30 +136,18 @@ def test_one_and_two_processes_train_on_the_same_rows_per_step(tmp_path, gpt2_to
     """The same recipe (global_batch_size 4, 2 per device) on 1 process (2 accumulation steps) and on 2 (1 each):
     the same pairs per step (tokens seen, epoch) and, with plain SGD and the same data order, the same losses after
     the first update (at step 0 both are ln 2). The first line of training states the derivation."""
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in preference_rows(PAIRS)), encoding="utf-8")
-    recipe = {
-        "model_config": "gpt2",
-        "model_config_overrides": {"n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 64},
-        "dataset_name": str(data),
-        "test_size": 0,
-        "max_length": 48,
-        "beta": 0.1,
-        "optim": "sgd",  # linear in the gradient: Adam's first step, lr·sign(g), would amplify rounding noise
-        "learning_rate": 0.5,
-        "lr_scheduler_type": "constant",
-        "per_device_train_batch_size": PER_DEVICE,
-        "global_batch_size": GLOBAL_BATCH,
-        "max_steps": STEPS,
-        "logging_steps": 1,
-        "activation_checkpointing": False,
-        "eval_strategy": "no",
-        "save_strategy": "no",
-        "report_to": "none",
-        "seed": 0,
-    }
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    recipe_path = write_recipe(
+        tmp_path,
+        pairs=PAIRS,
+        test_size=0,
+        beta=0.1,
+        optim="sgd",  # linear in the gradient: Adam's first step, lr·sign(g), would amplify rounding noise
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        per_device_train_batch_size=PER_DEVICE,
+        global_batch_size=GLOBAL_BATCH,
+        max_steps=STEPS,
+    )
     env = environment(tmp_path)
     two = tmp_path / "two"
     command = [
