@@ -55,6 +55,18 @@ def gpt2_tokenizer():
     return load_tokenizer("gpt2")
 
 
+def sliding_window_mistral():
+    """A tiny transformers Mistral over GPT-2's vocabulary whose sliding window (8) test pairs outrun: a model the
+    packed shared-prefix layout would not score exactly (a 4D mask bypasses the window)."""
+    import transformers
+
+    config = transformers.MistralConfig(
+        vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=8, bos_token_id=50256, eos_token_id=50256,
+    )  # fmt: skip
+    return transformers.MistralForCausalLM(config)
+
+
 def tiny_causal_lms():
     """Three small causal LMs over GPT-2's vocabulary: ours, transformers' GPT-2 and a transformers Llama."""
     from alignment import AlignmentGPT2Config, AlignmentGPT2ForCausalLM

@@ -8,11 +8,10 @@ import logging
 
 import pytest
 import torch
-import transformers
 
 from alignment.evaluation import preference_scores, reply_logps
 from alignment.evaluation.scoring import pair_entries, shared_prefix_logps
-from tests.conftest import preference_rows, tiny_causal_lms
+from tests.conftest import preference_rows, sliding_window_mistral, tiny_causal_lms
 
 # The replies' prompt tokens differ: a merge across the prompt's end ("Assistant: " + "Hello" is " Hello"; "wor" +
 # "ld" is "world") takes the prompt's last token for one reply and not for the other.
@@ -83,18 +82,7 @@ def test_one_pass_over_the_batches_without_gradients(gpt2_tokenizer):
 
 def test_a_model_the_packed_layout_would_not_fit_gets_padded_rows(gpt2_tokenizer, caplog):
     torch.manual_seed(0)
-    mistral = transformers.MistralForCausalLM(
-        transformers.MistralConfig(
-            vocab_size=50257,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            sliding_window=8,
-        )
-    ).eval()  # pairs are longer than 8
+    mistral = sliding_window_mistral().eval()  # pairs are longer than 8
     rows = pairs()
     with caplog.at_level(logging.WARNING, logger="alignment.evaluation.scoring"):
         scores = preference_scores(mistral, None, gpt2_tokenizer, rows, batch_size=4)

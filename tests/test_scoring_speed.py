@@ -31,7 +31,7 @@ from alignment.training.layouts import score_batch
 from alignment.training.logprobs import add_logprob_head
 from alignment.training.losses import ReplyLogps
 from alignment.training.shared_prefix import SharedPrefixPreferenceCollator
-from tests.conftest import tiny_causal_lms
+from tests.conftest import sliding_window_mistral, tiny_causal_lms
 from tests.test_scoring import MERGING_PAIRS
 
 MODELS = list(tiny_causal_lms())  # ours, transformers' GPT-2, a transformers Llama
@@ -209,20 +209,7 @@ def saved(tmp_path_factory, gpt2_tokenizer):
     root = tmp_path_factory.mktemp("scoring-speed")
     folders = {}
     torch.manual_seed(0)
-    mistral = transformers.MistralForCausalLM(
-        transformers.MistralConfig(
-            vocab_size=50257,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            sliding_window=8,
-            bos_token_id=50256,
-            eos_token_id=50256,
-        )
-    )
+    mistral = sliding_window_mistral()
     for name, model in (("ours", models("ours")[0]), ("llama", models("transformers-llama")[0]), ("mistral", mistral)):
         model.save_pretrained(root / name)
         gpt2_tokenizer.save_pretrained(root / name)
