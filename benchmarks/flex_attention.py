@@ -96,18 +96,12 @@ def peak_rss_reset() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def peak_rss_mib() -> float:
+def status_mib(field: str) -> float:
+    """A memory line of /proc/self/status (VmHWM: the peak resident set, VmRSS: the current one), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def current_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def best_seconds(work, repeats: int) -> float:
@@ -121,10 +115,10 @@ def best_seconds(work, repeats: int) -> float:
 
 def measured_peak(work) -> float:
     """MiB of resident memory `work` adds at its peak, over what the process held before."""
-    before = current_rss_mib()
+    before = status_mib("VmRSS")
     peak_rss_reset()
     work()
-    return peak_rss_mib() - before
+    return status_mib("VmHWM") - before
 
 
 def flex_backward_refusal(query, key, value, mask) -> str:
