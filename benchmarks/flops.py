@@ -128,25 +128,35 @@ def dpo_batch_work(batch: dict[str, Any], head_on_every_position: bool = False) 
     return model, Work(rows * width, head_rows, rows * width * width)
 
 
-def sft_batch_work(batch: dict[str, Any], head_on_every_position: bool = False) -> tuple[Work, Work]:
+def sft_batch_work(
+    batch: dict[str, Any], head_on_every_position: bool = False, grouped_attention: bool = False
+) -> tuple[Work, Work]:
     """(model, executed) work of an SFT batch: documents are the runs of restarting `position_ids` (padding-free
     packing), else each row's real tokens; the loss scores the labelled next tokens (`head_on_every_position`: as
-    `dpo_batch_work`)."""
+    `dpo_batch_work`). `grouped_attention`: the side's model attends within short rows of whole documents where
+    that saves work (our GPT-2, `alignment.modeling.attention.group_documents`), else over each whole row."""
     import torch
+
+    from alignment.modeling.attention import group_documents
+    from alignment.modeling.modeling_gpt2 import segments_from_positions
 
     rows, width = batch["input_ids"].shape
     scored = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    groups = None
     if "position_ids" in batch:
         starts = batch["position_ids"] == 0
         starts[:, 0] = True  # a row never continues the row before it
         first = starts.flatten().nonzero().flatten()
         documents = torch.diff(first, append=first.new_tensor([rows * width])).tolist()
+        segments = segments_from_positions(batch["position_ids"]) if grouped_attention else None
+        groups = group_documents(segments) if segments is not None else None
     else:
         mask = batch.get("attention_mask")
         documents = mask.sum(dim=1).tolist() if mask is not None else [width] * rows
     model = Work(sum(documents), scored, sum(n * n for n in documents))
     head_rows = rows * (width - 1) if head_on_every_position else scored
-    return model, Work(rows * width, head_rows, rows * width * width)
+    attention = groups.count * groups.length**2 if groups is not None else rows * width * width
+    return model, Work(rows * width, head_rows, attention)
 
 
 def matmul_peak(

@@ -27,6 +27,7 @@ steps, before the profiler starts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -253,6 +254,7 @@ def run_side(settings: dict[str, Any], side: str, weights: str, rows: list[dict[
     import trl
     from transformers import TrainerCallback
 
+    from alignment.modeling import AlignmentGPT2PreTrainedModel
     from alignment.modeling.tokenizer import load_tokenizer
     from alignment.training import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
     from alignment.training.dpo import frozen_copy
@@ -329,13 +331,19 @@ def run_side(settings: dict[str, Any], side: str, weights: str, rows: list[dict[
     setup_seconds = time.perf_counter() - start
 
     # the work of every batch trained on, (model, executed), counted as the step starts
-    batch_work = dpo_batch_work if options.task == "dpo" else sft_batch_work
     head_on_every_position = not ours and stock_head_scores_every_position(trainer.accelerator.device)
+    if options.task == "dpo":
+        batch_work = functools.partial(dpo_batch_work, head_on_every_position=head_on_every_position)
+    else:  # our GPT-2 attends within short rows of whole documents
+        grouped = isinstance(trainer.accelerator.unwrap_model(trainer.model), AlignmentGPT2PreTrainedModel)
+        batch_work = functools.partial(
+            sft_batch_work, head_on_every_position=head_on_every_position, grouped_attention=grouped
+        )
     works: list[tuple[Work, Work]] = []
     training_step = trainer.training_step
 
     def counted_training_step(model, inputs, *args, **kwargs):
-        works.append(batch_work(inputs, head_on_every_position))
+        works.append(batch_work(inputs))
         return training_step(model, inputs, *args, **kwargs)
 
     trainer.training_step = counted_training_step

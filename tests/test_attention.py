@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from alignment.modeling.attention import attention, build_visibility_mask
+from alignment.modeling.attention import attend, attention, build_visibility_mask, group_documents
 
 B, H, T, D = 3, 4, 9, 16
 
@@ -147,3 +147,50 @@ def test_unknown_implementation_is_rejected():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="unknown attention implementation"):
         attention(q, k, v, implementation="magic")
+
+
+def test_documents_are_regrouped_into_short_rows_of_whole_documents():
+    segments = torch.tensor([[0, 0, 1, 2, 2, 2, 3, 3], [0, 0, 0, 1, 1, 2, 2, 2]])  # documents of 2,1,3,2 and 3,2,3
+    groups = group_documents(segments)
+    assert (groups.count, groups.length) == (6, 3)  # [2, 1] [3] [2] | [3] [2] [3]; 6 · 3² · 2 <= 2 · 8²
+    tokens = torch.arange(16).view(2, 8)
+    short_rows = groups.gather(tokens)
+    assert short_rows.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 0], [8, 9, 10], [11, 12, 0], [13, 14, 15]]
+    assert torch.equal(groups.scatter(short_rows, 2, 8), tokens)  # every token back in place, padding dropped
+    visible = groups.visible[:, 0]
+    assert visible[0].tolist() == [[True, False, False], [True, True, False], [False, False, True]]
+    assert visible.any(dim=-1).all()  # a padding slot sees itself, so no row is empty
+
+
+@pytest.mark.parametrize(
+    "segments",
+    [
+        torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1]]),  # one long document: 2 short rows of 6 are no cheaper than 8²
+        torch.tensor([[0, 0, 1, 1, 0, 0, 2, 2]]),  # an id that comes back: one document in two runs
+    ],
+)
+def test_regrouping_is_refused_where_it_saves_nothing_or_would_split_a_document(segments):
+    assert group_documents(segments) is None
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "reference"])
+def test_short_rows_give_the_packed_rows_values_and_gradients(implementation):
+    segments = torch.tensor(
+        [[0] * 5 + [1] * 3 + [2] * 7 + [3] * 2 + [4] * 6 + [5] * 1, [0] * 4 + [1] * 6 + [2] * 7 + [3] * 7]
+    )
+    groups = group_documents(segments)
+    assert groups is not None and groups.count * groups.length**2 * 2 <= 2 * 24**2
+    q, k, v = qkv(3, t=24, requires_grad=True)
+    q, k, v = (x[:2].detach().requires_grad_() for x in (q, k, v))
+    dense = attention(q, k, v, segment_ids=segments, implementation=implementation)
+    dense_grads = torch.autograd.grad(dense.square().sum(), (q, k, v))
+
+    def short_rows(x):  # (B, heads, S, d) -> (count, heads, length, d), as our GPT-2 gathers its q, k, v
+        return groups.gather(x.transpose(1, 2)).transpose(1, 2)
+
+    out = attend(short_rows(q), short_rows(k), short_rows(v), groups.visible, implementation=implementation)
+    grouped = groups.scatter(out.transpose(1, 2), 2, 24).transpose(1, 2)
+    grouped_grads = torch.autograd.grad(grouped.square().sum(), (q, k, v))
+    torch.testing.assert_close(grouped, dense, atol=1e-6, rtol=0)
+    for got, expected in zip(grouped_grads, dense_grads):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

@@ -133,6 +133,10 @@ def test_an_sft_batch_counts_its_documents_by_restarting_positions():
     model, executed = sft_batch_work(batch)
     assert model == Work(tokens=9, scored=6, attention=9 + 4 + 16) and executed == Work(9, 6, 81)
     assert sft_batch_work(batch, head_on_every_position=True)[1].scored == 8
+    assert sft_batch_work(batch, grouped_attention=True)[1].attention == 81  # 3 short rows of 4: no saving
+    six_pairs = {"input_ids": torch.ones(1, 12, dtype=torch.long), "position_ids": torch.tensor([[0, 1] * 6]),
+                 "labels": torch.tensor([[-100, 1] * 6])}  # fmt: skip
+    assert sft_batch_work(six_pairs, grouped_attention=True)[1] == Work(12, 6, 6 * 2**2)  # our GPT-2's short rows
     padded = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
               "labels": torch.tensor([[1, 2, 3, -100], [1, 2, 3, 4]])}  # fmt: skip
     assert sft_batch_work(padded) == (Work(7, 5, 9 + 16), Work(8, 5, 2 * 16))

@@ -1,5 +1,6 @@
 """Our GPT-2 against transformers' GPT-2 with the same weights: logits, padding, packing, cache, generation."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -98,6 +99,34 @@ def test_packed_documents_do_not_see_each_other(ours):
     torch.testing.assert_close(by_segments, separate, atol=1e-5, rtol=0)
     torch.testing.assert_close(by_positions, separate, atol=1e-5, rtol=0)
     assert (unpacked[:, 6:] - separate[:, 6:]).abs().max() > 1e-3  # without the mask the second one sees the first
+
+
+def test_many_packed_documents_attend_in_short_rows_with_the_dense_results(ours, monkeypatch):
+    """TRL's padding-free row of many documents: our GPT-2 attends within short rows of whole documents; logits and
+    gradients are those of the dense block-diagonal mask and of each document alone."""
+    kernel = importlib.import_module("alignment.modeling.attention")  # the package exports a function of that name
+    gpt2 = importlib.import_module("alignment.modeling.modeling_gpt2")
+    lengths = [5, 3, 7, 2, 6, 1, 4]
+    documents = [batch(10 + i, b=1, t=n) for i, n in enumerate(lengths)]
+    packed = torch.cat(documents, dim=1)
+    restarted_positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    assert kernel.group_documents(gpt2.segments_from_positions(restarted_positions)) is not None
+
+    def logits_and_grads():
+        ours.zero_grad()
+        logits = ours(packed, position_ids=restarted_positions).logits
+        logits.square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in ours.parameters()]
+
+    grouped, grouped_grads = logits_and_grads()
+    monkeypatch.setattr(kernel, "GROUPING_MIN_SAVING", float("inf"))  # never regroup: one dense mask
+    dense, dense_grads = logits_and_grads()
+    with torch.no_grad():
+        separate = torch.cat([ours(d).logits for d in documents], dim=1)
+    torch.testing.assert_close(grouped, separate, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grouped, dense, atol=1e-5, rtol=0)
+    for got, expected in zip(grouped_grads, dense_grads):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_kv_cache_matches_a_full_forward(ours):

@@ -9,7 +9,8 @@ Two details matter for preference training:
 
 * positions come from the attention mask, so a left-padded sequence gets exactly the log-probs it gets unpadded;
 * several documents can share a row (`segment_ids`, or `position_ids` that restart at 0): they never attend to each
-  other and their positions restart, so packing changes nothing but speed.
+  other and their positions restart, so packing changes nothing but speed. Without a KV cache, attention then runs
+  over short rows of whole documents (`group_documents`) rather than over the whole packed row.
 
 This file, `configuration_gpt2.py` and `attention.py` need only torch and transformers: they are copied into every
 saved checkpoint, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works without this package.
@@ -30,7 +31,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .attention import attend, build_visibility_mask, is_causal_only
+from .attention import DocumentGroups, attend, build_visibility_mask, group_documents, is_causal_only
 from .configuration_gpt2 import AlignmentGPT2Config
 
 
@@ -51,10 +52,15 @@ class CausalSelfAttention(nn.Module):
         causal_only: bool,
         past_key_values: Cache | None,
         implementation: str,
+        groups: DocumentGroups | None = None,
     ) -> torch.Tensor:
         batch, length, width = hidden_states.shape
-        q, k, v = self.c_attn(hidden_states).split(width, dim=2)
-        q, k, v = (t.view(batch, length, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
+        qkv = self.c_attn(hidden_states)
+        if groups is not None:  # packed documents: attend within short rows of whole documents (`visible` is theirs)
+            qkv = groups.gather(qkv)
+        rows, columns = qkv.shape[:2]
+        q, k, v = qkv.split(width, dim=2)
+        q, k, v = (t.view(rows, columns, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         y = attend(
@@ -66,7 +72,9 @@ class CausalSelfAttention(nn.Module):
             dropout_p=self.attn_dropout.p if self.training else 0.0,
             implementation=implementation,
         )
-        y = y.transpose(1, 2).reshape(batch, length, width)
+        y = y.transpose(1, 2).reshape(rows, columns, width)
+        if groups is not None:
+            y = groups.scatter(y, batch, length)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -100,8 +108,9 @@ class Block(GradientCheckpointingLayer):
         causal_only: bool = False,
         past_key_values: Cache | None = None,
         implementation: str = "auto",
+        groups: DocumentGroups | None = None,
     ) -> torch.Tensor:
-        attn_out = self.attn(self.ln_1(hidden_states), visible, causal_only, past_key_values, implementation)
+        attn_out = self.attn(self.ln_1(hidden_states), visible, causal_only, past_key_values, implementation, groups)
         hidden_states = hidden_states + attn_out
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
@@ -231,14 +240,21 @@ class AlignmentGPT2Model(AlignmentGPT2PreTrainedModel):
         if padding_mask is not None and bool(padding_mask.all()):
             padding_mask = None  # nothing to hide: keep the fused causal kernel
 
-        visible = build_visibility_mask(
-            length,
-            key_length,
-            causal=True,
-            attention_mask=padding_mask,
-            segment_ids=segment_ids,
-            mask=custom_mask,
-            device=inputs_embeds.device,
+        groups = None
+        if segment_ids is not None and padding_mask is None and custom_mask is None and past_key_values is None:
+            groups = group_documents(segment_ids)  # None unless short rows of whole documents do less work
+        visible = (
+            groups.visible
+            if groups is not None
+            else build_visibility_mask(
+                length,
+                key_length,
+                causal=True,
+                attention_mask=padding_mask,
+                segment_ids=segment_ids,
+                mask=custom_mask,
+                device=inputs_embeds.device,
+            )
         )
         causal_only = is_causal_only(
             length, key_length, causal=True, attention_mask=padding_mask, segment_ids=segment_ids, mask=custom_mask
@@ -255,6 +271,7 @@ class AlignmentGPT2Model(AlignmentGPT2PreTrainedModel):
                 causal_only=causal_only,
                 past_key_values=past_key_values,
                 implementation=self.attention_implementation,
+                groups=groups,
             )
         hidden_states = self.ln_f(hidden_states)
         if all_hidden_states is not None:
