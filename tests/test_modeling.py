@@ -129,6 +129,51 @@ def test_many_packed_documents_attend_in_short_rows_with_the_dense_results(ours,
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
+def keep_every_activation(pre_activation, activation):  # saved-tensor hooks that change nothing
+    return (lambda saved: saved), (lambda packed: packed)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-on-the-mlp"])
+def test_the_mlp_recomputes_gelu_in_backward_with_the_same_gradients(gpt2_checkpoint, monkeypatch, lora):
+    """The GELU output is not kept for the backward pass (the projection's saved input is recomputed from GELU's
+    own), and every gradient is what keeping it gives, LoRA adapters on the MLP's projections included."""
+    import weakref
+
+    import peft
+
+    gpt2 = importlib.import_module("alignment.modeling.modeling_gpt2")
+    model = AlignmentGPT2ForCausalLM.from_pretrained(gpt2_checkpoint).train()
+    if lora:
+        lora_config = peft.LoraConfig(r=4, target_modules=["c_fc", "mlp.c_proj"], init_lora_weights=False)
+        model = peft.get_peft_model(model, lora_config)
+    ids = batch(5, b=2, t=12)
+    gelu_outputs = []
+    gelu = torch.nn.functional.gelu
+
+    def recorded_gelu(*args, **kwargs):
+        out = gelu(*args, **kwargs)
+        gelu_outputs.append(weakref.ref(out))
+        return out
+
+    def grads():
+        model.zero_grad()
+        gelu_outputs.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.nn.functional, "gelu", recorded_gelu)
+            logits = model(input_ids=ids, use_cache=False).logits
+        kept = sum(ref() is not None for ref in gelu_outputs[: TINY["n_layer"]])
+        logits.square().mean().backward()
+        return kept, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    kept, recomputed = grads()
+    monkeypatch.setattr(gpt2, "gelu_recomputed_when_saved", keep_every_activation)
+    kept_without, stored = grads()
+    assert (kept, kept_without) == (0, TINY["n_layer"])  # freed after the forward; without the hooks, kept
+    assert recomputed.keys() == stored.keys() and len(stored) > 0
+    for name, grad in stored.items():
+        torch.testing.assert_close(recomputed[name], grad, atol=0, rtol=0, msg=name)
+
+
 def test_kv_cache_matches_a_full_forward(ours):
     ids, mask = padded("left")
     with torch.no_grad():

@@ -86,8 +86,40 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(inner, config.n_embd)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+    def forward(self, x: torch.Tensor, recompute_activation: bool = True) -> torch.Tensor:
+        pre_activation = self.c_fc(x)
+        activation = F.gelu(pre_activation, approximate="tanh")
+        if not (recompute_activation and activation.requires_grad) or torch.compiler.is_compiling():
+            return self.dropout(self.c_proj(activation))
+        with torch.autograd.graph.saved_tensors_hooks(*gelu_recomputed_when_saved(pre_activation, activation)):
+            return self.dropout(self.c_proj(activation))
+
+
+def gelu_recomputed_when_saved(pre_activation: torch.Tensor, activation: torch.Tensor):
+    """Saved-tensor hooks that store GELU's output, which the projection after it saves for its weight gradient,
+    as the GELU input (saved anyway, by GELU's own backward) and recompute it in the backward pass.
+
+    The MLP's 4 × width activation is the largest tensor a block keeps for its backward; this keeps one of the two
+    (1/3 of a GPT-2 block's saved activations) for an elementwise recomputation. The projection is still called as a
+    module (LoRA, quantized layers and ZeRO-3's parameter gathering see it); torch has no option for this.
+    """
+
+    # torch keeps the hooks as long as what they saved, so they hold the activation's address, not the activation
+    address, size, dtype = activation.data_ptr(), activation.numel(), activation.dtype
+
+    def pack(saved: torch.Tensor):
+        same = saved.data_ptr() == address and saved.numel() == size and saved.dtype == dtype
+        if same and saved.is_contiguous():
+            return pre_activation, saved.shape
+        return saved
+
+    def unpack(packed):
+        if isinstance(packed, tuple):
+            source, shape = packed
+            return F.gelu(source, approximate="tanh").view(shape)
+        return packed
+
+    return pack, unpack
 
 
 class Block(GradientCheckpointingLayer):
@@ -112,7 +144,8 @@ class Block(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         attn_out = self.attn(self.ln_1(hidden_states), visible, causal_only, past_key_values, implementation, groups)
         hidden_states = hidden_states + attn_out
-        return hidden_states + self.mlp(self.ln_2(hidden_states))
+        # under activation checkpointing nothing is saved to recompute (and the checkpoint owns the saved tensors)
+        return hidden_states + self.mlp(self.ln_2(hidden_states), recompute_activation=not self.gradient_checkpointing)
 
 
 def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
