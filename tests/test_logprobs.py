@@ -145,3 +145,40 @@ def test_head_variants_of_real_models_match_their_own_logits(build):
     got.sum().backward()
     for name, grad in expected_grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("transform", [HeadTransform(), HeadTransform(scale=3.0, softcap=1.5)], ids=["plain", "capped"])
+@pytest.mark.parametrize("weights", ["uniform", "per-token"])
+def test_gradients_taken_in_the_forward_pass_for_a_uniform_loss_are_exact(monkeypatch, transform, weights):
+    """With `uniform=True` the head takes Σ log-probs' gradients from its forward softmax and the backward pass only
+    scales them (no second pass of the head); a loss that weighs tokens unevenly falls back to the recomputation.
+    Both give the naive computation's gradients."""
+    from alignment.training import logprobs
+
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(10, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (10,), generator=g)
+    token_weights = (
+        torch.full((10,), -0.3, dtype=torch.float64)
+        if weights == "uniform"
+        else torch.rand(10, generator=g, dtype=torch.float64)
+    )
+    z = (hidden @ weight.t() + bias) * transform.scale
+    if transform.softcap is not None:
+        z = transform.softcap * torch.tanh(z / transform.softcap)
+    expected_logps = torch.log_softmax(z, -1).gather(-1, targets[:, None]).squeeze(-1)
+    expected = torch.autograd.grad((expected_logps * token_weights).sum(), (hidden, weight, bias))
+
+    head_passes = []
+    counted = logprobs._logits
+    monkeypatch.setattr(logprobs, "_logits", lambda *a: head_passes.append(1) or counted(*a))
+    logps = logprobs._ChunkedTokenLogProbs.apply(hidden, weight, bias, targets, 4, transform, False, True)[0]
+    forward_passes = len(head_passes)
+    got = torch.autograd.grad((logps * token_weights).sum(), (hidden, weight, bias))
+    torch.testing.assert_close(logps, expected_logps, atol=1e-12, rtol=0)
+    for ours, naive_grad in zip(got, expected):
+        torch.testing.assert_close(ours, naive_grad, atol=1e-12, rtol=0)
+    assert forward_passes == 3  # 10 rows in chunks of 4
+    assert len(head_passes) - forward_passes == (0 if weights == "uniform" else 3)

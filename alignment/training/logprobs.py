@@ -66,11 +66,14 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
     out of every other step), from the same softmax: they cost no second pass through the head."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows, transform, with_log_sum_sq=False):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, transform, with_log_sum_sq=False, uniform=False):
         out = torch.empty(hidden.size(0), dtype=_compute_dtype(hidden), device=hidden.device)
         entropy = torch.empty_like(out)
         is_top1 = torch.empty(hidden.size(0), dtype=torch.bool, device=hidden.device)
         log_sum_sq = torch.empty_like(out) if with_log_sum_sq else out.new_empty(0)
+        # `uniform`: the caller's loss weighs every token alike (SFT's mean NLL), so the gradients of Σ log-probs,
+        # taken here from the softmax at hand, only need scaling in the backward pass: no second pass of the head
+        unit = _Gradients.empty_for(hidden, weight, bias, ctx.needs_input_grad) if uniform else None
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = _transformed(_logits(hidden[rows], weight, bias), transform)
@@ -81,42 +84,77 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
             if with_log_sum_sq:
                 log_sum_sq[rows] = probs.square().sum(1).log()
             is_top1[rows] = logits.argmax(dim=1) == targets[rows]  # the first maximum, as TRL counts it
+            if unit is not None:
+                unit.add(rows, _grad_logits(probs, logits, targets[rows], transform), hidden, weight)
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk_rows = chunk_rows
         ctx.transform = transform
+        ctx.unit = unit
         ctx.mark_non_differentiable(entropy, is_top1, log_sum_sq)
         return out, entropy, is_top1, log_sum_sq
 
     @staticmethod
     def backward(ctx, grad_out, _grad_entropy=None, _grad_is_top1=None, _grad_log_sum_sq=None):
         hidden, weight, bias, targets = ctx.saved_tensors
-        transform = ctx.transform
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        dtype = _compute_dtype(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        unit, ctx.unit = ctx.unit, None
+        if unit is not None and bool((grad_out == grad_out[:1]).all()):  # every token weighed alike, as promised
+            scale = grad_out[0] if grad_out.numel() else grad_out.new_zeros(())
+            return (*unit.scaled(scale, hidden, weight, bias), None, None, None, None, None)
+        grads = _Gradients.empty_for(hidden, weight, bias, ctx.needs_input_grad)
         for start in range(0, hidden.size(0), ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            raw = _logits(hidden[rows], weight, bias)
-            z = _transformed(raw, transform)
-            # d/dz of (z[target] - logsumexp(z)) is onehot(target) - softmax(z)
-            grad_logits = -torch.softmax(z, dim=1)
-            grad_logits.scatter_add_(1, targets[rows, None], torch.ones_like(grad_logits[:, :1]))
+            z = _transformed(_logits(hidden[rows], weight, bias), ctx.transform)
+            grad_logits = _grad_logits(torch.softmax(z, dim=1), z, targets[rows], ctx.transform)
             grad_logits *= grad_out[rows, None]
-            if transform.softcap is not None:  # dz/draw = scale · (1 − tanh²(scale · raw / cap))
-                grad_logits *= 1 - (z / transform.softcap) ** 2
-            if transform.scale != 1.0:
-                grad_logits *= transform.scale
-            del raw, z
-            if grad_hidden is not None:
-                grad_hidden[rows] = (grad_logits @ weight.to(dtype)).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += grad_logits.t() @ hidden[rows].to(dtype)
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
-        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
-        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+            del z
+            grads.add(rows, grad_logits, hidden, weight)
+        return (*grads.scaled(None, hidden, weight, bias), None, None, None, None, None)
+
+
+def _grad_logits(probs: torch.Tensor, z: torch.Tensor, targets: torch.Tensor, transform: HeadTransform) -> torch.Tensor:
+    """d log p(target) / d raw logits, in place of `probs` = softmax(z): onehot(target) − probs, through the
+    transform (z = cap · tanh(scale · raw / cap): dz/draw = scale · (1 − (z / cap)²))."""
+    grad = probs.neg_()
+    grad.scatter_add_(1, targets[:, None], torch.ones_like(grad[:, :1]))
+    if transform.softcap is not None:
+        grad *= 1 - (z / transform.softcap) ** 2
+    if transform.scale != 1.0:
+        grad *= transform.scale
+    return grad
+
+
+class _Gradients:
+    """The head's gradients (hidden, weight, bias), accumulated chunk by chunk in the softmax statistics' dtype."""
+
+    def __init__(self, hidden, weight, bias):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+
+    @classmethod
+    def empty_for(cls, hidden, weight, bias, needs_input_grad):
+        dtype = _compute_dtype(hidden)
+        return cls(
+            torch.empty_like(hidden) if needs_input_grad[0] else None,
+            torch.zeros_like(weight, dtype=dtype) if needs_input_grad[1] else None,
+            torch.zeros_like(bias, dtype=dtype) if bias is not None and needs_input_grad[2] else None,
+        )
+
+    def add(self, rows: slice, grad_logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+        dtype = grad_logits.dtype
+        if self.hidden is not None:
+            self.hidden[rows] = (grad_logits @ weight.to(dtype)).to(hidden.dtype)
+        if self.weight is not None:
+            self.weight += grad_logits.t() @ hidden[rows].to(dtype)
+        if self.bias is not None:
+            self.bias += grad_logits.sum(0)
+
+    def scaled(self, scale, hidden, weight, bias) -> tuple:
+        """(grad hidden, grad weight, grad bias) times `scale` (None: as they are), in the inputs' dtypes."""
+        out = []
+        for grad, like in ((self.hidden, hidden), (self.weight, weight), (self.bias, bias)):
+            if grad is not None and scale is not None:
+                grad = grad.mul_(scale.to(grad.dtype))
+            out.append(grad.to(like.dtype) if grad is not None else None)
+        return tuple(out)
 
 
 def _transformed(logits: torch.Tensor, transform: HeadTransform) -> torch.Tensor:
@@ -173,13 +211,23 @@ class TokenStats:
 
 
 def token_logps_and_stats(
-    hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, transform: HeadTransform = PLAIN_HEAD
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: nn.Module,
+    transform: HeadTransform = PLAIN_HEAD,
+    uniform_weights: bool = False,
 ) -> tuple[torch.Tensor, TokenStats]:
-    """Like `token_logps_from_hidden`, with the entropy and top-1 hit of every scored position (no gradients)."""
+    """Like `token_logps_from_hidden`, with the entropy and top-1 hit of every scored position (no gradients).
+
+    `uniform_weights`: the loss weighs every scored token's log-prob alike (a mean NLL), so the head's gradients are
+    taken in the forward pass from its softmax and only scaled in the backward pass, which then skips recomputing the
+    logits (a quarter of the head's matmuls). A loss that weighs them otherwise still gets exact gradients, by the
+    recomputation."""
     hidden_states, targets = hidden_states[:, :-1], labels[:, 1:].to(hidden_states.device)
     scored = targets != IGNORE_INDEX
+    bias = getattr(lm_head, "bias", None)
     logps, entropy, is_top1, _ = _ChunkedTokenLogProbs.apply(
-        hidden_states[scored], lm_head.weight, getattr(lm_head, "bias", None), targets[scored], CHUNK_ROWS, transform
+        hidden_states[scored], lm_head.weight, bias, targets[scored], CHUNK_ROWS, transform, False, uniform_weights
     )
     zeros = torch.zeros(scored.shape, dtype=logps.dtype, device=logps.device)
     stats = TokenStats(zeros.masked_scatter(scored, entropy), scored.masked_scatter(scored, is_top1), scored)
@@ -217,7 +265,13 @@ def add_logprob_head(model: nn.Module) -> nn.Module:
 
     @functools.wraps(type(model).forward)
     def forward(
-        *args, token_logps: bool | str = False, labels=None, score_positions=None, score_targets=None, **kwargs
+        *args,
+        token_logps: bool | str = False,
+        labels=None,
+        score_positions=None,
+        score_targets=None,
+        uniform_token_weights: bool = False,
+        **kwargs,
     ):
         if not token_logps:
             if labels is not None:
@@ -229,7 +283,7 @@ def add_logprob_head(model: nn.Module) -> nn.Module:
         hidden_states = model.base_model(*args, **kwargs).last_hidden_state
         lm_head = model.get_output_embeddings()
         if token_logps == "with_stats":
-            return token_logps_and_stats(hidden_states, labels, lm_head, transform)
+            return token_logps_and_stats(hidden_states, labels, lm_head, transform, uniform_token_weights)
         if token_logps == "with_log_sum_sq":  # flat, the scored tokens only, in row-major order
             if score_positions is None:
                 targets = labels[:, 1:].to(hidden_states.device)

@@ -133,7 +133,10 @@ class SFTTrainer(SafeTrainingMixin, ShardingMixin, trl.SFTTrainer):
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        token_logps, stats = model(**model_inputs, labels=labels, token_logps="with_stats")
+        uniform = self.args.loss_type != "dft" and torch.is_grad_enabled()  # the mean NLL weighs tokens alike
+        token_logps, stats = model(
+            **model_inputs, labels=labels, token_logps="with_stats", uniform_token_weights=uniform
+        )
         per_token = -token_logps
         if self.args.loss_type == "dft":  # Wu et al., 2025 (https://huggingface.co/papers/2508.05629)
             per_token = per_token * token_logps.exp().detach()
