@@ -24,7 +24,8 @@ Two counts per step (`Work`):
   (a prompt computed once for both replies) shows it as a higher MFU: the utilisation a stock implementation would
   need to match its speed.
 * executed FLOPs: what the side's own layout feeds the model, padding included (its rows × their width through the
-  blocks and the attention), and the rows its LM head projects (stock TRL's fused head projects every position on
+  blocks and the attention; our GPT-2's attention over short rows of whole documents where it regroups a packed
+  row), and the rows its LM head projects (stock TRL's fused head projects every position on
   a CPU and masks afterwards; ours only the scored ones). Executed ÷ time ÷ peak is how busy the side keeps the matmul units
   (at most about 100%); model ÷ executed is what its layout saves.
 

@@ -4,7 +4,8 @@ A sequence's log-probability is the sum, over the tokens we score, of log_softma
 LM head and the log-softmax over every position and the whole vocabulary wastes most of the work (prompts are long,
 vocabularies are 50k wide), and materialising (batch × length × vocab) floats dominates memory. Here the head runs
 only on the positions whose label is not -100, a chunk of rows at a time, and the backward pass recomputes each
-chunk's softmax instead of storing it.
+chunk's softmax instead of storing it (or, for a loss that weighs every token alike, only scales the gradients the
+forward pass took from its softmax: `uniform_token_weights`).
 
 `add_logprob_head(model)` patches `model.forward` so that `model(..., labels=labels, token_logps=True)` returns the
 (batch, length - 1) log-probs (0 where no label) (`token_logps="with_stats"`: and the entropy and top-1 hits of those
