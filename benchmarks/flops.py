@@ -135,10 +135,10 @@ def sft_batch_work(
     """(model, executed) work of an SFT batch: documents are the runs of restarting `position_ids` (padding-free
     packing), else each row's real tokens; the loss scores the labelled next tokens (`head_on_every_position`: as
     `dpo_batch_work`). `grouped_attention`: the side's model attends within short rows of whole documents where
-    that saves work (our GPT-2, `alignment.modeling.attention.group_documents`), else over each whole row."""
+    that saves work (our GPT-2, `alignment.modeling.attention.plan_document_groups`), else over each whole row."""
     import torch
 
-    from alignment.modeling.attention import group_documents
+    from alignment.modeling.attention import plan_document_groups
     from alignment.modeling.modeling_gpt2 import segments_from_positions
 
     rows, width = batch["input_ids"].shape
@@ -150,13 +150,16 @@ def sft_batch_work(
         first = starts.flatten().nonzero().flatten()
         documents = torch.diff(first, append=first.new_tensor([rows * width])).tolist()
         segments = segments_from_positions(batch["position_ids"]) if grouped_attention else None
-        groups = group_documents(segments) if segments is not None else None
+        groups = plan_document_groups(segments) if segments is not None else None  # the count, not the tensors
     else:
         mask = batch.get("attention_mask")
         documents = mask.sum(dim=1).tolist() if mask is not None else [width] * rows
     model = Work(sum(documents), scored, sum(n * n for n in documents))
     head_rows = rows * (width - 1) if head_on_every_position else scored
-    attention = groups.count * groups.length**2 if groups is not None else rows * width * width
+    if groups is not None:
+        attention = len(groups) * max(sum(n for _, n in group) for group in groups) ** 2
+    else:
+        attention = rows * width * width
     return model, Work(rows * width, head_rows, attention)
 
 

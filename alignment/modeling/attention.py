@@ -18,7 +18,7 @@ paths rather than the average of V or NaN.
 A packed row of many documents (TRL's padding-free SFT batches put a whole batch in one row of thousands of tokens)
 would spend most of its attention on pairs of tokens from different documents, computed and then masked away.
 :func:`group_documents` regroups the documents into short rows of at most the longest document's length, so that
-attention runs over those instead (`DocumentGroups.attend`): the same keys for every query, a fraction of the work.
+attention runs over those instead (`DocumentGroups`): the same keys for every query, a fraction of the work.
 
 This file only needs torch: it travels with saved checkpoints so that ``trust_remote_code`` loading works where the
 ``alignment`` package is not installed.
@@ -126,16 +126,23 @@ GROUPING_MIN_SAVING = 2.0  # regroup only when the packed rows' attention is at 
 
 
 class DocumentGroups:
-    """The documents of packed rows, regrouped into `count` short rows of `length` tokens for attention.
+    """The documents of packed rows, regrouped into short rows for attention.
 
     `index` (count · length,) gives, for each slot of the short rows, the flat (row · S + column) token it holds
     (slots past a group's documents hold token 0 and see only themselves); `inverse` (B · S,) gives each token's slot;
     `visible` (count, 1, length, length) is causal attention within each document.
     """
 
-    def __init__(self, index: torch.Tensor, inverse: torch.Tensor, visible: torch.Tensor, count: int, length: int):
+    def __init__(self, index: torch.Tensor, inverse: torch.Tensor, visible: torch.Tensor):
         self.index, self.inverse, self.visible = index, inverse, visible
-        self.count, self.length = count, length
+
+    @property
+    def count(self) -> int:
+        return self.visible.size(0)
+
+    @property
+    def length(self) -> int:
+        return self.visible.size(-1)
 
     def gather(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, S, ...) per-token values -> (count, length, ...) in the short rows."""
@@ -148,51 +155,59 @@ class DocumentGroups:
         return flat.index_select(0, self.inverse).view(batch, length, *grouped.shape[2:])
 
 
-def group_documents(segment_ids: torch.Tensor) -> DocumentGroups | None:
-    """Regroup the documents of packed rows (B, S) into rows no longer than the longest document.
+def plan_document_groups(segment_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
+    """The short rows `group_documents` would build, as (flat start, length) of each document in each row.
 
-    Documents are the runs of equal (non-decreasing) segment ids; they are taken in order and each group is filled until the next
-    document would not fit. Returns None when that would not cut the attention work (rows · S²) by at least
-    `GROUPING_MIN_SAVING` (one long document, say), so the caller keeps one dense mask.
+    Documents are the runs of equal, non-decreasing segment ids of the rows (B, S); they are taken in order, and a
+    short row is filled until the next document would not fit in the longest document's length. None when that
+    would not cut the attention work (rows · S²) by at least `GROUPING_MIN_SAVING` (one long document, say), or when
+    an id comes back later in its row (one document in several runs), so the caller keeps one dense mask.
     """
     batch, width = segment_ids.shape
     if not bool((segment_ids[:, 1:] >= segment_ids[:, :-1]).all()):
-        return None  # an id may come back later in its row (one document in several runs): keep the dense mask
+        return None
     starts = torch.ones_like(segment_ids, dtype=torch.bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     flat_starts = starts.flatten().nonzero().flatten().tolist()
-    lengths = [end - start for start, end in zip(flat_starts, flat_starts[1:] + [batch * width])]
-    capacity = max(lengths)
-    groups: list[list[int]] = [[]]
+    documents = [(start, end - start) for start, end in zip(flat_starts, flat_starts[1:] + [batch * width])]
+    capacity = max(n for _, n in documents)
+    groups: list[list[tuple[int, int]]] = [[]]
     used = 0
-    for document, n in enumerate(lengths):
-        if used + n > capacity:
+    for document in documents:
+        if used + document[1] > capacity:
             groups.append([])
             used = 0
         groups[-1].append(document)
-        used += n
-    length = max(sum(lengths[d] for d in group) for group in groups)
+        used += document[1]
+    length = max(sum(n for _, n in group) for group in groups)
     if len(groups) * length**2 * GROUPING_MIN_SAVING > batch * width**2:
         return None
+    return groups
 
+
+def group_documents(segment_ids: torch.Tensor) -> DocumentGroups | None:
+    """Regroup the documents of packed rows (B, S) into short rows (`plan_document_groups`), or None."""
+    groups = plan_document_groups(segment_ids)
+    if groups is None:
+        return None
+    length = max(sum(n for _, n in group) for group in groups)
     index: list[int] = []
     local_segments: list[int] = []  # segment ids within each short row; padding slots each get their own
     for group in groups:
-        for document in group:
-            start, n = flat_starts[document], lengths[document]
+        for document, (start, n) in enumerate(group):
             index += range(start, start + n)
             local_segments += [document] * n
-        padding = length - sum(lengths[d] for d in group)
+        padding = length - sum(n for _, n in group)
         index += [0] * padding
         local_segments += range(-1, -1 - padding, -1)
     device = segment_ids.device
     index_tensor = torch.tensor(index, device=device)
     slots = torch.tensor(local_segments, device=device)
     real = (slots >= 0).nonzero().flatten()
-    inverse = torch.empty(batch * width, dtype=torch.long, device=device)
+    inverse = torch.empty(segment_ids.numel(), dtype=torch.long, device=device)
     inverse[index_tensor[real]] = real
     visible = build_visibility_mask(length, length, causal=True, segment_ids=slots.view(len(groups), length))
-    return DocumentGroups(index_tensor, inverse, visible, len(groups), length)
+    return DocumentGroups(index_tensor, inverse, visible)
 
 
 def attend(

@@ -99,8 +99,8 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
         hidden, weight, bias, targets = ctx.saved_tensors
         unit, ctx.unit = ctx.unit, None
         if unit is not None and bool((grad_out == grad_out[:1]).all()):  # every token weighed alike, as promised
-            scale = grad_out[0] if grad_out.numel() else grad_out.new_zeros(())
-            return (*unit.scaled(scale, hidden, weight, bias), None, None, None, None, None)
+            unit.scale_(grad_out[0] if grad_out.numel() else grad_out.new_zeros(()))
+            return (*unit.in_dtypes_of(hidden, weight, bias), None, None, None, None, None)
         grads = _Gradients.empty_for(hidden, weight, bias, ctx.needs_input_grad)
         for start in range(0, hidden.size(0), ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
@@ -109,7 +109,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
             grad_logits *= grad_out[rows, None]
             del z
             grads.add(rows, grad_logits, hidden, weight)
-        return (*grads.scaled(None, hidden, weight, bias), None, None, None, None, None)
+        return (*grads.in_dtypes_of(hidden, weight, bias), None, None, None, None, None)
 
 
 def _grad_logits(probs: torch.Tensor, z: torch.Tensor, targets: torch.Tensor, transform: HeadTransform) -> torch.Tensor:
@@ -148,14 +148,15 @@ class _Gradients:
         if self.bias is not None:
             self.bias += grad_logits.sum(0)
 
-    def scaled(self, scale, hidden, weight, bias) -> tuple:
-        """(grad hidden, grad weight, grad bias) times `scale` (None: as they are), in the inputs' dtypes."""
-        out = []
-        for grad, like in ((self.hidden, hidden), (self.weight, weight), (self.bias, bias)):
-            if grad is not None and scale is not None:
-                grad = grad.mul_(scale.to(grad.dtype))
-            out.append(grad.to(like.dtype) if grad is not None else None)
-        return tuple(out)
+    def scale_(self, scale: torch.Tensor) -> None:
+        for grad in (self.hidden, self.weight, self.bias):
+            if grad is not None:
+                grad.mul_(scale.to(grad.dtype))
+
+    def in_dtypes_of(self, hidden, weight, bias) -> tuple:
+        """(grad hidden, grad weight, grad bias) in the inputs' dtypes."""
+        pairs = ((self.hidden, hidden), (self.weight, weight), (self.bias, bias))
+        return tuple(grad.to(like.dtype) if grad is not None else None for grad, like in pairs)
 
 
 def _transformed(logits: torch.Tensor, transform: HeadTransform) -> torch.Tensor:
