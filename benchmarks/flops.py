@@ -25,7 +25,8 @@ Two counts per step (`Work`):
   need to match its speed.
 * executed FLOPs: what the side's own layout feeds the model, padding included (its rows × their width through the
   blocks and the attention; our GPT-2's attention over short rows of whole documents where it regroups a packed
-  row), and the rows its LM head projects (stock TRL's fused head projects every position on
+  row, and its DPO batches' tokens without padding, attending in their `attention_layout` rows), and the rows its
+  LM head projects (stock TRL's fused head projects every position on
   a CPU and masks afterwards; ours only the scored ones). Executed ÷ time ÷ peak is how busy the side keeps the matmul units
   (at most about 100%); model ÷ executed is what its layout saves.
 
@@ -126,7 +127,9 @@ def dpo_batch_work(batch: dict[str, Any], head_on_every_position: bool = False) 
         scored = head_scored = int(batch["completion_mask"][:, 1:].sum())
     model = Work(sum(row_lengths), scored, sum(n * n for n in row_lengths))
     head_rows = rows * (width - 1) if head_on_every_position else head_scored
-    return model, Work(rows * width, head_rows, rows * width * width)
+    # padding-free: the tokens are one row, attention runs over the rows of `attention_layout`
+    attention_rows, attention_width = batch.get("attention_layout", batch["input_ids"]).shape
+    return model, Work(rows * width, head_rows, attention_rows * attention_width**2)
 
 
 def sft_batch_work(

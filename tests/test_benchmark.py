@@ -124,6 +124,8 @@ def test_a_dpo_batch_is_the_same_model_work_in_both_layouts_and_the_stock_one_ex
         tokens=shared["input_ids"].numel(), scored=8, attention=len(shared["input_ids"]) * width**2
     )
     assert shared_executed.tokens == 2 * 9  # a row per pair here (9 + 5 > 9): 18 tokens against stock's 28
+    free = SharedPrefixPreferenceCollator(0, padding_free=True)(pairs)  # our GPT-2: the tokens without padding
+    assert dpo_batch_work(free) == (expected, Work(tokens=9 + 5, scored=8, attention=2 * 9**2))
 
 
 def test_an_sft_batch_counts_its_documents_by_restarting_positions():

@@ -103,7 +103,7 @@ def test_shared_prefix_with_truncation_and_several_pairs_per_row(tmp_path, gpt2_
         copy.deepcopy(policy), copy.deepcopy(reference), config(tmp_path, max_length=80, prefix_sharing=False), **kwargs
     )
     shared_batch, plain_batch = batch_of(shared, 6), batch_of(plain, 6)
-    assert shared_batch["input_ids"].size(0) < 6  # pairs packed several to a row
+    assert shared_batch["attention_mask"].size(0) < 6  # pairs packed several to a row
     assert (plain_batch["attention_mask"].sum(-1) == 80).any()  # some replies really were truncated
     a = shared.scored_tokens(shared.model, shared_batch).reply_logps()
     b = plain.scored_tokens(plain.model, plain_batch).reply_logps()
@@ -113,6 +113,41 @@ def test_shared_prefix_with_truncation_and_several_pairs_per_row(tmp_path, gpt2_
     plain.compute_loss(plain.model, plain_batch).backward()
     for (name, x), y in zip(shared.model.named_parameters(), plain.model.parameters()):
         torch.testing.assert_close(x.grad, y.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("model_name", ["ours", "transformers-llama"])
+def test_our_gpt2_gets_padding_free_batches_with_the_padded_rows_results(tmp_path, gpt2_tokenizer, model_name):
+    """Our GPT-2 is given the real tokens alone and the attention rows apart (`attention_layout`): the same
+    log-probs, loss and gradients as the padded rows; a model without `attention_layout` keeps the padded rows."""
+    rows = preference_rows(6)
+    rows[0]["prompt"] = rows[0]["prompt"] * 3  # one long pair, so the others' rows are padded up to it
+    policy, reference = trained_pair(model_name=model_name)
+    trainer = DPOTrainer(
+        policy, reference, config(tmp_path), train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=gpt2_tokenizer,
+    )  # fmt: skip
+    examples = [trainer.train_dataset[i] for i in range(6)]
+    assert trainer.data_collator.padding_free == (model_name == "ours")
+    if model_name != "ours":
+        assert "attention_layout" not in trainer.data_collator(examples)
+        return
+    padded_collator = copy.copy(trainer.data_collator)
+    padded_collator.padding_free = False
+    free, padded = (trainer._prepare_inputs(c(examples)) for c in (trainer.data_collator, padded_collator))
+    layout = free["attention_layout"]
+    assert layout.shape == padded["input_ids"].shape and free["input_ids"].shape == (1, int((layout >= 0).sum()))
+    assert free["input_ids"].numel() < 0.9 * padded["input_ids"].numel()  # the padding really is gone
+    assert torch.equal(free["input_ids"][0], padded["input_ids"][layout >= 0])
+    losses, grads = [], []
+    for batch in (free, padded):
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in trainer.model.parameters()])
+    assert abs(losses[0] - math.log(2)) > 1e-3 and abs(losses[0] - losses[1]) <= 1e-6
+    for (name, _), a, b in zip(trainer.model.named_parameters(), *grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_step_zero_loss_is_ln2_with_a_frozen_copy_as_reference(tmp_path, gpt2_tokenizer):

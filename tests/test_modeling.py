@@ -129,6 +129,25 @@ def test_many_packed_documents_attend_in_short_rows_with_the_dense_results(ours,
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
+def test_tokens_without_padding_attend_in_the_rows_of_their_layout(ours):
+    """`attention_layout`: the real tokens as one row, attention in padded rows laid out apart: the logits of the
+    padded rows at their real slots; a layout without its rows' mask or with a KV cache is refused."""
+    ids, mask = padded("right")
+    visible = (mask[:, None, :, None] & mask[:, None, None, :]).bool() | torch.eye(10, dtype=torch.bool)
+    real = mask.bool()
+    layout = torch.full_like(ids, -1).masked_scatter_(real, torch.arange(int(real.sum())))
+    with torch.no_grad():
+        rows = ours(ids, attention_mask=visible, position_ids=positions(mask)).logits
+        free = ours(ids[real][None], attention_mask=visible, position_ids=positions(mask)[real][None],
+                    attention_layout=layout).logits  # fmt: skip
+    torch.testing.assert_close(free[0], rows[real], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="rows' boolean"):
+        ours(ids[real][None], position_ids=positions(mask)[real][None], attention_layout=layout)
+    with pytest.raises(ValueError, match="KV cache"):
+        ours(ids[real][None], attention_mask=visible, position_ids=positions(mask)[real][None],
+             attention_layout=layout, use_cache=True)  # fmt: skip
+
+
 def keep_every_activation(pre_activation, activation):  # saved-tensor hooks that change nothing
     return (lambda saved: saved), (lambda packed: packed)
 

@@ -188,8 +188,9 @@ def test_trainer_loss_metrics_and_gradients_equal_stock_trl(tmp_path, gpt2_token
     examples = [ours.train_dataset[i] for i in range(8)]  # prompt 0's 6 pairs and 2 of prompt 1's
     ours_batch = ours._prepare_inputs(ours.data_collator(examples))
     stock_batch = stock._prepare_inputs(stock.data_collator([stock.train_dataset[i] for i in range(8)]))
-    per_pair = SharedPrefixPreferenceCollator(ours.data_collator.pad_token_id, ours.args.max_length, False)(examples)
-    assert ours_batch["input_ids"].numel() < 0.6 * per_pair["input_ids"].numel()
+    collator = ours.data_collator
+    per_pair = SharedPrefixPreferenceCollator(collator.pad_token_id, collator.max_length, False, collator.padding_free)
+    assert ours_batch["input_ids"].numel() < 0.6 * per_pair(examples)["input_ids"].numel()
     assert (stock_batch["attention_mask"].sum(-1) == extra["max_length"]).any()  # replies really were cut
     assert "ref_chosen_logps" in ours_batch
     ours_loss = ours.compute_loss(ours.model, ours_batch)

@@ -5,7 +5,8 @@ for the chosen reply), the mean margin, the mean log-probs, the DPO loss, and th
 reply has the higher per-token-averaged log-prob under the policy alone).
 
 The log-probs come the way the DPO trainer computes them: each pair is one packed sequence [prompt, chosen,
-rejected] (`SharedPrefixPreferenceCollator`, the prompt computed once, pairs packed into rows without padding) and
+rejected] (`SharedPrefixPreferenceCollator`, the prompt computed once, pairs packed into short rows, and for a
+model that takes them, such as our GPT-2, no padding through the model at all) and
 only the reply tokens go through the LM head (`layouts.score_batch`). Evaluation adds what a fixed set of pairs
 allows (`shared_prefix_logps`): the pairs are tokenised once, in batched tokenizer calls; batches are cut from the
 pairs sorted by length (a prompt's pairs kept together, so the collator computes a prompt they share once), so rows
@@ -35,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl.data_utils import apply_chat_template
 
 from ..modeling.chat_templates import HH_TEMPLATE, is_conversation
-from ..training.layouts import ScoredTokens, prefix_sharing_problem, score_batch
+from ..training.layouts import ScoredTokens, prefix_sharing_problem, score_batch, takes_attention_layout
 from ..training.logprobs import (
     CHUNK_ROWS,
     IGNORE_INDEX,
@@ -174,11 +175,11 @@ def pair_batches(entries: Sequence[Sequence[Entry]], batch_size: int) -> list[li
 
 
 def packed_batches(
-    entries: Sequence[Sequence[Entry]], batch_size: int, pad_token_id: int
+    entries: Sequence[Sequence[Entry]], batch_size: int, pad_token_id: int, padding_free: bool = False
 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """The collated shared-prefix batches of `pair_batches`, each with, for every entry it holds, the index of its
-    pair."""
-    collator = SharedPrefixPreferenceCollator(pad_token_id)
+    pair (`padding_free`: the tokens without padding, for models that take `attention_layout`)."""
+    collator = SharedPrefixPreferenceCollator(pad_token_id, padding_free=padding_free)
     for batch in pair_batches(entries, batch_size):
         owners = [i for i in batch for _ in entries[i]]
         rows = [
@@ -250,7 +251,8 @@ def shared_prefix_logps(
         for _ in models
     ]
     with torch.no_grad():  # not inference_mode: a model may keep a tensor made here (a RoPE update) for training
-        for batch, owners in packed_batches(entries, batch_size, pad):
+        padding_free = all(takes_attention_layout(model) for model in models)
+        for batch, owners in packed_batches(entries, batch_size, pad, padding_free):
             on_device: dict[torch.device, dict[str, torch.Tensor]] = {}  # moved once for models on one device
             for head, total in zip(heads, totals):
                 if head.device not in on_device:

@@ -18,7 +18,9 @@ paths rather than the average of V or NaN.
 A packed row of many documents (TRL's padding-free SFT batches put a whole batch in one row of thousands of tokens)
 would spend most of its attention on pairs of tokens from different documents, computed and then masked away.
 :func:`group_documents` regroups the documents into short rows of at most the longest document's length, so that
-attention runs over those instead (`DocumentGroups`): the same keys for every query, a fraction of the work.
+attention runs over those instead (`DocumentGroups`): the same keys for every query, a fraction of the work. The
+other way round, a caller can give the tokens without padding and the rows attention runs in
+(`DocumentGroups.from_layout`), so that padding costs attention only.
 
 This file only needs torch: it travels with saved checkpoints so that ``trust_remote_code`` loading works where the
 ``alignment`` package is not installed.
@@ -143,6 +145,17 @@ class DocumentGroups:
     @property
     def length(self) -> int:
         return self.visible.size(-1)
+
+    @classmethod
+    def from_layout(cls, layout: torch.Tensor, visible: torch.Tensor) -> DocumentGroups:
+        """Attention rows laid out by the caller: `layout` (count, length) holds, for each slot, the flat index of the
+        token it takes (each token exactly once), or -1 for padding (which should see only itself), and `visible`
+        (count, 1, length, length) their mask (a padding-free preference batch, `SharedPrefixPreferenceCollator`)."""
+        flat = layout.flatten()
+        real = (flat >= 0).nonzero().flatten()
+        inverse = torch.empty(real.numel(), dtype=torch.long, device=layout.device)
+        inverse[flat[real]] = real
+        return cls(flat.clamp(min=0), inverse, visible)
 
     def gather(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, S, ...) per-token values -> (count, length, ...) in the short rows."""

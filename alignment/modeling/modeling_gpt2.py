@@ -225,6 +225,7 @@ class AlignmentGPT2Model(AlignmentGPT2PreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         segment_ids: torch.LongTensor | None = None,
+        attention_layout: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -236,12 +237,21 @@ class AlignmentGPT2Model(AlignmentGPT2PreTrainedModel):
         segment_ids: (B, S) ids of the documents packed in each row; documents do not see each other and their
             positions restart. Derived from `position_ids` when those restart at 0 within a row.
         position_ids: (B, T); by default counted over the real tokens of `attention_mask`, or per segment.
+        attention_layout: (R, L) for tokens given without padding: attention runs over R rows of L slots, each
+            holding the flat (b · T + t) token `attention_layout` names, or padding (-1); `attention_mask` is then
+            those rows' boolean (R, 1, L, L) mask (ANDed with causality along each row) and `position_ids` are
+            required (`DocumentGroups.from_layout`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         batch, length = inputs_embeds.shape[:2]
+        if attention_layout is not None:
+            if use_cache or past_key_values is not None or segment_ids is not None:
+                raise ValueError("attention_layout cannot be combined with a KV cache or segment_ids")
+            return self.forward_in_layout(inputs_embeds, attention_layout, attention_mask, position_ids,
+                                          output_hidden_states)  # fmt: skip
 
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
@@ -293,6 +303,29 @@ class AlignmentGPT2Model(AlignmentGPT2PreTrainedModel):
             length, key_length, causal=True, attention_mask=padding_mask, segment_ids=segment_ids, mask=custom_mask
         )
 
+        outputs = self.run_blocks(
+            inputs_embeds, position_ids, visible, causal_only, past_key_values, groups, output_hidden_states
+        )
+        if not use_cache:
+            outputs.past_key_values = None
+        return outputs
+
+    def forward_in_layout(self, inputs_embeds, layout, mask, position_ids, output_hidden_states):
+        """Tokens without padding, attending in the rows `layout` lays out under their mask `mask`."""
+        if mask is None or mask.dim() != 4 or mask.shape[0] != layout.shape[0] or position_ids is None:
+            raise ValueError(
+                "attention_layout needs attention_mask as its rows' boolean (rows, 1, L, L) mask and position_ids"
+            )
+        causal = torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()  # as for any 4D mask
+        groups = DocumentGroups.from_layout(layout, mask.bool() & causal)
+        if groups.inverse.numel() != inputs_embeds.shape[0] * inputs_embeds.shape[1]:
+            raise ValueError(f"attention_layout holds {groups.inverse.numel()} tokens, not {inputs_embeds.shape[:2]}")
+        return self.run_blocks(inputs_embeds, position_ids, groups.visible, False, None, groups, output_hidden_states)
+
+    def run_blocks(
+        self, inputs_embeds, position_ids, visible, causal_only, past_key_values, groups, output_hidden_states
+    ) -> BaseModelOutputWithPast:
+        """Position embeddings, the blocks and the final LayerNorm, under a prepared mask (and document groups)."""
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
         all_hidden_states = [] if output_hidden_states else None
         for block in self.h:
@@ -312,7 +345,7 @@ class AlignmentGPT2Model(AlignmentGPT2PreTrainedModel):
 
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            past_key_values=past_key_values,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
         )
 
@@ -336,6 +369,7 @@ class AlignmentGPT2ForCausalLM(AlignmentGPT2PreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         segment_ids: torch.LongTensor | None = None,
+        attention_layout: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -354,6 +388,7 @@ class AlignmentGPT2ForCausalLM(AlignmentGPT2PreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             segment_ids=segment_ids,
+            attention_layout=attention_layout,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )

@@ -7,7 +7,8 @@ TRL provides the rest: tokenisation, precomputed reference log-probs, PEFT, dist
 changes beyond the computation:
 
 * batches share each prompt between its replies (a pair's two, or all of a prompt's pairs in the batch, each
-  distinct reply once) and pack them without padding (`shared_prefix.py`); `group_pairs_by_prompt` shuffles
+  distinct reply once) and pack them into short rows, and a model that takes those rows apart from its tokens (our
+  GPT-2) is given no padding at all (`shared_prefix.py`); `group_pairs_by_prompt` shuffles
   prompts rather than pairs, so that a prompt's pairs come in the same batch;
   `prefix_sharing: false` gives TRL's layout, [chosen rows; rejected rows], each padded, and so does a model whose
   token mixers would not keep the replies apart (`layouts.prefix_sharing_problem`, with one log line saying why);
@@ -42,7 +43,7 @@ from trl.trainer.utils import create_model_from_path, get_config_model_id, use_a
 from ..modeling.tokenizer import ensure_pad_token
 from .checkpoints import CheckpointError
 from .configs import DPOConfig
-from .layouts import ScoredTokens, prefix_sharing_problem, score_batch
+from .layouts import ScoredTokens, prefix_sharing_problem, score_batch, takes_attention_layout
 from .logprobs import add_logprob_head
 from .losses import TRL_LOSS_TYPES, PreferenceLoss, ReplyLogps, preference_loss
 from .reference_cache import cache_path, load_reference_logps, save_reference_logps, token_ids_digest
@@ -214,7 +215,12 @@ class DPOTrainer(SafeTrainingMixin, ShardingMixin, trl.DPOTrainer):
                 "group_pairs_by_prompt (or streaming)"
             )
         if self.prefix_sharing:
-            data_collator = SharedPrefixPreferenceCollator(ensure_pad_token(tokenizer).pad_token_id, args.max_length)
+            # a model that takes the attention rows apart from its tokens (our GPT-2) gets no padding at all
+            data_collator = SharedPrefixPreferenceCollator(
+                ensure_pad_token(tokenizer).pad_token_id,
+                args.max_length,
+                padding_free=isinstance(model, torch.nn.Module) and takes_attention_layout(model),
+            )
             # accelerate's dispatcher (its default for an iterable dataset) would cut every tensor of a batch to the
             # first one's length, which packed rows do not share: each process collates its own batches instead
             if args.accelerator_config.dispatch_batches:

@@ -14,6 +14,7 @@ recurrent families), then by a probe that scores two small random pairs in both 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,9 +99,11 @@ def score_batch(model: Any, inputs: dict[str, Any], with_log_sum_sq: bool = Fals
         unique = inputs.get("score_unique")  # a token several pairs share is scored once, then copied to each
         if unique is not None:
             positions, targets = positions[unique], targets[unique]
+        layout = {"attention_layout": inputs["attention_layout"]} if "attention_layout" in inputs else {}
         out = model(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
             position_ids=inputs["position_ids"], score_positions=positions, score_targets=targets, token_logps=mode,
+            **layout,
         )  # fmt: skip
         logps, log_sum_sq = out if with_log_sum_sq else (out, None)
         if unique is not None:
@@ -116,6 +119,13 @@ def score_batch(model: Any, inputs: dict[str, Any], with_log_sum_sq: bool = Fals
     rows = scored.nonzero()[:, 0]
     num_pairs = inputs["input_ids"].size(0) // 2
     return ScoredTokens(logps, rows % num_pairs, rows >= num_pairs, num_pairs, log_sum_sq)
+
+
+def takes_attention_layout(model: torch.nn.Module) -> bool:
+    """Whether the model (under any PEFT wrapper) can be given a padding-free shared-prefix batch: tokens without
+    padding and the rows its attention runs in (`attention_layout`, which our GPT-2's forward takes)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "attention_layout" in inspect.signature(base.forward).parameters
 
 
 def trl_layout(pairs: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

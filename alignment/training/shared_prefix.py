@@ -11,7 +11,13 @@ are one sequence [prompt, u1, u2, …] over their distinct replies u_i (a reply 
 so every reply token sees exactly what it sees in its own [prompt, reply] row, and its log-prob is the same. Replies
 are told apart by their tokens after TRL's truncation (`truncate_pair`), so a reply cut short is not the reply it was
 cut from. The sequences are packed first-fit into rows as long as the longest of the batch (several to a row, each
-its own block of the attention mask), so there is almost no padding either. A prompt's sequence holds at most
+its own block of the attention mask), so that attention runs over short rows.
+
+Those rows still hold padding (on HH-RLHF batches of 8 pairs, a fifth of their slots), which every linear layer of a
+model would compute. With `padding_free` the model is given the real tokens alone, as one row (1, N), and the
+attention rows as `attention_layout` (rows, W): the token each of their slots holds (-1 for padding), for a model
+that gathers its queries, keys and values into those rows and scatters the result back (our GPT-2,
+`DocumentGroups.from_layout`): the same attention, and no padding through the rest of the model. A prompt's sequence holds at most
 `GROUP_WIDTH` times the batch's longest [prompt, chosen, rejected]; further replies open another sequence with the
 prompt again, so that many replies to one prompt never make one row (and its dense attention) unboundedly wide.
 
@@ -118,7 +124,10 @@ class SharedPrefixPreferenceCollator:
     through.
 
     `merge_prompts=False` gives each pair its own sequence even when prompts repeat (the earlier layout, for
-    comparison; the log-probs are the same).
+    comparison; the log-probs are the same). `padding_free=True` gives `input_ids` and `position_ids` as one row of
+    the real tokens (1, N), `attention_layout` (rows, L) where each slot of the attention rows takes its token from
+    (-1: padding, which sees only itself), and `score_positions` into that one row; `attention_mask` stays the
+    attention rows' mask.
 
     No tensor is 0-d, and `pair_lengths` comes first, so `transformers`' `find_batch_size` (the weight of a batch in
     the evaluation loss) counts pairs, as it does in TRL's layout. The rows cannot be split between processes the
@@ -128,6 +137,7 @@ class SharedPrefixPreferenceCollator:
     pad_token_id: int
     max_length: int | None = None
     merge_prompts: bool = True
+    padding_free: bool = False
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pairs = [truncate_pair(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"], self.max_length) for e in examples]
@@ -186,17 +196,27 @@ class SharedPrefixPreferenceCollator:
         inverse = torch.tensor(inverse, dtype=torch.long)
         unique = torch.full((len(sources),), len(inverse), dtype=torch.long)  # each source's first entry
         unique.scatter_reduce_(0, inverse, torch.arange(len(inverse)), reduce="amin")
+        input_ids, position_ids = torch.tensor(token_ids), torch.tensor(positions)
+        sources = torch.tensor(sources, dtype=torch.long).reshape(-1, 2)
+        layout = None
+        if self.padding_free:  # the real tokens as one row; the attention rows say where each slot's token is
+            real = sequence_of < len(sequences)
+            layout = torch.full_like(input_ids, -1).masked_scatter_(real, torch.arange(int(real.sum())))
+            input_ids, position_ids = input_ids[real][None], position_ids[real][None]
+            sources = torch.stack([torch.zeros_like(sources[:, 0]), layout[sources[:, 0], sources[:, 1]]], dim=1)
         batch = {
             "pair_lengths": torch.tensor([len(p) + len(c) + len(r) for p, c, r in pairs], dtype=torch.long),
-            "input_ids": torch.tensor(token_ids, dtype=torch.long),
-            "position_ids": torch.tensor(positions, dtype=torch.long),
+            "input_ids": input_ids,
+            "position_ids": position_ids,
             "attention_mask": visible[:, None],
-            "score_positions": torch.tensor(sources, dtype=torch.long).reshape(-1, 2)[inverse],
+            "score_positions": sources[inverse],
             "score_targets": torch.tensor(targets, dtype=torch.long)[inverse],
             "score_pairs": torch.tensor(pair_of, dtype=torch.long),
             "score_rejected": torch.tensor(is_rejected, dtype=torch.bool),
             "num_tokens": torch.tensor([sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)]),
         }
+        if layout is not None:
+            batch["attention_layout"] = layout
         if self.merge_prompts:
             batch["score_unique"], batch["score_inverse"] = unique, inverse
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
