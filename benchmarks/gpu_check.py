@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 PREPARED = REPO / ".whl"  # ignored by git; carried to the GPU machine
 TOKENIZER_CACHE = PREPARED / "alignment-cache"  # holds gpt2-tokenizer/, read through ALIGNMENT_CACHE
 TOLERANCE = 0.02
+TASKS = ("sft", "dpo")
 # What the GPU machine's image may lack or hold in other versions: carried as wheels, pinned to this checkout's.
 # pyarrow (datasets needs >= 24) is not carried: its wheel alone is over the 64 MiB a device call carries.
 CARRIED = ("transformers", "trl", "datasets", "peft", "accelerate", "dill", "multiprocess", "fsspec", "regex")
@@ -121,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dtype", choices=("bf16", "fp32"), default="bf16", help="both sides' precision (default bf16, as trained)"
     )
+    parser.add_argument(
+        "--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="which to check (default both; one takes half)"
+    )
     options = parser.parse_args(argv)
     if options.prepare:
         return prepare()
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.trl_comparison import Settings, compare
 
     reports, checks = {}, []
-    for task in ("sft", "dpo"):
+    for task in options.tasks:
         settings = Settings(
             task=task, model=options.model, dtype=options.dtype, batch_size=options.batch_size,
             max_length=options.max_length, warmup=options.warmup, steps=options.steps,

@@ -217,14 +217,13 @@ def test_a_child_reports_its_result_time_and_peak_memory_and_a_failed_one_its_lo
     "task, model, rate, extra",
     [
         ("dpo", "tiny", "pairs_per_second", ["--profile"]),
-        ("sft", "tiny-llama", "tokens_per_second", []),
-        ("sft", "tiny", "tokens_per_second", ["--dtype", "bf16", "--max_length", "48"]),
+        ("sft", "tiny-llama", "tokens_per_second", ["--dtype", "bf16", "--max_length", "48"]),
     ],
-    ids=["dpo-profile", "sft-llama", "sft-bf16"],
+    ids=["dpo-profile", "sft-llama-bf16"],
 )
 def test_benchmark_sides_agree(tmp_path, task, model, rate, extra):
-    """DPO on GPT-2 with the profile of our side; SFT on the Llama preset (the cut tokenizer's ids in range); SFT in
-    bf16 (bf16 weights and autocast on both sides; short rows, as this CPU multiplies bf16 60-100x slower)."""
+    """DPO on GPT-2 with the profile of our side; SFT on the Llama preset (the cut tokenizer's ids in range) in bf16
+    (bf16 weights and autocast on both sides; short rows, as this CPU multiplies bf16 60-100x slower)."""
     dtype = "bf16" if "bf16" in extra else "fp32"
     out = tmp_path / "result.json"
     sides = "ours,trl,ours-precompute" if task == "dpo" else "ours,trl"

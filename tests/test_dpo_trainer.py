@@ -1,6 +1,7 @@
 """Our DPO trainer: parity with stock TRL, the shared-prefix layout, the reference it builds, variants, any LM."""
 
 import copy
+import logging
 import math
 
 import datasets
@@ -8,6 +9,7 @@ import pytest
 import torch
 import trl
 
+from alignment import ATTN_IMPLEMENTATION
 from alignment.training import DPOTrainer
 from alignment.training.configs import DPOConfig
 from alignment.training.logprobs import add_logprob_head
@@ -115,22 +117,42 @@ def test_shared_prefix_with_truncation_and_several_pairs_per_row(tmp_path, gpt2_
         torch.testing.assert_close(x.grad, y.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("model_name", ["ours", "transformers-llama"])
-def test_our_gpt2_gets_padding_free_batches_with_the_padded_rows_results(tmp_path, gpt2_tokenizer, model_name):
-    """Our GPT-2 is given the real tokens alone and the attention rows apart (`attention_layout`): the same
-    log-probs, loss and gradients as the padded rows; a model without `attention_layout` keeps the padded rows."""
+def drop_the_layout(attention: torch.nn.Module) -> None:
+    """A layer that does not pass its keyword arguments on to the attention function, as some architectures do."""
+    forward = attention.forward
+    attention.forward = lambda *args, attention_layout=None, **kwargs: forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("model_name", ["ours", "transformers-llama", "transformers-llama-dropping-the-layout"])
+def test_padding_free_batches_give_the_padded_rows_results(tmp_path, gpt2_tokenizer, model_name, caplog):
+    """Our GPT-2, and a transformers Llama moved from sdpa onto our kernel (one log line), are given the real tokens
+    alone and the attention rows apart (`attention_layout`): the same log-probs, loss and gradients as the padded
+    rows. A model whose layers would not pass the layout on keeps the padded rows and sdpa, said in one line."""
     rows = preference_rows(6)
     rows[0]["prompt"] = rows[0]["prompt"] * 3  # one long pair, so the others' rows are padded up to it
-    policy, reference = trained_pair(model_name=model_name)
-    trainer = DPOTrainer(
-        policy, reference, config(tmp_path), train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=gpt2_tokenizer,
-    )  # fmt: skip
+    dropping = model_name.endswith("dropping-the-layout")
+    policy, reference = trained_pair(model_name=model_name.removesuffix("-dropping-the-layout"))
+    if dropping:
+        for model in (policy, reference):
+            for layer in model.model.layers:
+                drop_the_layout(layer.self_attn)
+    with caplog.at_level(logging.INFO, logger="alignment.training.dpo"):
+        trainer = DPOTrainer(
+            policy, reference, config(tmp_path), train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=gpt2_tokenizer,
+        )  # fmt: skip
     examples = [trainer.train_dataset[i] for i in range(6)]
-    assert trainer.data_collator.padding_free == (model_name == "ours")
-    if model_name != "ours":
+    implementations = {m.config._attn_implementation for m in (trainer.model, trainer.ref_model)}
+    if dropping:
+        assert not trainer.data_collator.padding_free and implementations == {"sdpa"}
         assert "attention_layout" not in trainer.data_collator(examples)
+        assert "keep their padding: our kernel cannot run it without padding" in caplog.text
         return
+    assert trainer.data_collator.padding_free
+    if model_name == "transformers-llama":
+        assert (
+            implementations == {ATTN_IMPLEMENTATION} and "so that shared-prefix batches carry no padding" in caplog.text
+        )
     padded_collator = copy.copy(trainer.data_collator)
     padded_collator.padding_free = False
     free, padded = (trainer._prepare_inputs(c(examples)) for c in (trainer.data_collator, padded_collator))

@@ -3,6 +3,12 @@
 Transformers builds the mask with its registered mask function and then calls the registered attention function.
 We reuse its ``sdpa_mask`` (a boolean (B, 1, T, S) mask, True = visible, or None when plain causal attention is
 enough) and run our kernel on it.
+
+It also takes what our GPT-2 takes: tokens without padding, one row (1, N), with the rows attention runs in as
+``attention_layout`` and their 4D mask as the attention mask (`DocumentGroups.from_layout`). Transformers passes a
+4D mask through unchanged and a model's extra keyword arguments down to its attention function, so a model whose
+layers do (Llama, Qwen, Mistral, …) can be trained on padding-free shared-prefix batches; whether one does is
+checked by a probe (`layouts.padding_free_problem`), not assumed.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import attention
+from .attention import DocumentGroups, attention
 
 ATTN_IMPLEMENTATION = "alignment"
 
@@ -35,6 +41,9 @@ def alignment_attention_forward(
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask == 0  # an additive float mask: 0 where visible
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    layout = kwargs.get("attention_layout")
+    if layout is not None:
+        return attention_in_layout(query, key, value, layout, attention_mask, dropout, scaling), None
     output = attention(
         query,
         key,
@@ -45,6 +54,18 @@ def alignment_attention_forward(
         scale=scaling,
     )
     return output.transpose(1, 2).contiguous(), None
+
+
+def attention_in_layout(query, key, value, layout, mask, dropout, scaling) -> torch.Tensor:
+    """(1, heads, N, d) tokens without padding -> attention in the rows of `layout` under their (R, 1, L, L) `mask`
+    (ANDed with causality along each row, as our GPT-2 does) -> (1, N, heads, d)."""
+    if mask is None or mask.dim() != 4 or mask.shape[0] != layout.shape[0] or query.size(0) != 1:
+        raise ValueError("attention_layout needs one row of tokens and its rows' boolean (rows, 1, L, L) mask")
+    causal = torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
+    rows = DocumentGroups.from_layout(layout, mask & causal)
+    q, k, v = (rows.gather(t.transpose(1, 2)).transpose(1, 2) for t in (query, key, value))  # (R, heads, L, d)
+    out = attention(q, k, v, causal=False, mask=rows.visible, dropout_p=dropout, scale=scaling)
+    return rows.scatter(out.transpose(1, 2), 1, query.size(2))
 
 
 def register_with_transformers() -> None:

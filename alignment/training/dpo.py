@@ -8,7 +8,8 @@ changes beyond the computation:
 
 * batches share each prompt between its replies (a pair's two, or all of a prompt's pairs in the batch, each
   distinct reply once) and pack them into short rows, and a model that takes those rows apart from its tokens (our
-  GPT-2) is given no padding at all (`shared_prefix.py`); `group_pairs_by_prompt` shuffles
+  GPT-2; a transformers model on sdpa, moved onto our kernel when a probe finds it exact) is given no padding at
+  all (`shared_prefix.py`, `layouts.use_padding_free_attention`); `group_pairs_by_prompt` shuffles
   prompts rather than pairs, so that a prompt's pairs come in the same batch;
   `prefix_sharing: false` gives TRL's layout, [chosen rows; rejected rows], each padded, and so does a model whose
   token mixers would not keep the replies apart (`layouts.prefix_sharing_problem`, with one log line saying why);
@@ -40,10 +41,11 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 
+from ..modeling.hf_attention import ATTN_IMPLEMENTATION
 from ..modeling.tokenizer import ensure_pad_token
 from .checkpoints import CheckpointError
 from .configs import DPOConfig
-from .layouts import ScoredTokens, prefix_sharing_problem, score_batch, takes_attention_layout
+from .layouts import ScoredTokens, prefix_sharing_problem, score_batch, use_padding_free_attention
 from .logprobs import add_logprob_head
 from .losses import TRL_LOSS_TYPES, PreferenceLoss, ReplyLogps, preference_loss
 from .reference_cache import cache_path, load_reference_logps, save_reference_logps, token_ids_digest
@@ -66,6 +68,31 @@ def load_as_trl_does(model_id: str, args: DPOConfig, quantization_config=None) -
         init_kwargs["device_map"] = None  # distributed training needs it ("auto" fails)
     init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     return create_model_from_path(model_id, **init_kwargs)
+
+
+def padding_free_attention(model: torch.nn.Module, ref_model) -> bool:
+    """Whether the policy and its reference take padding-free shared-prefix batches (`use_padding_free_attention`:
+    our GPT-2 does; a transformers model on sdpa is moved onto our kernel if a probe finds it exact, said in one log
+    line). Where either cannot, both keep their implementation and the batches their padding, also said."""
+    models = [m for m in (model, ref_model) if isinstance(m, torch.nn.Module)]
+    bases = [m.get_base_model() if is_peft_model(m) else m for m in models]
+    before = [getattr(base.config, "_attn_implementation", None) for base in bases]
+    problem = None
+    for base in bases:
+        problem = problem or use_padding_free_attention(base)
+    if problem is not None:
+        for base, implementation in zip(bases, before):
+            if getattr(base.config, "_attn_implementation", implementation) != implementation:
+                base.set_attn_implementation(implementation)
+        logger.warning("shared-prefix batches keep their padding: %s", problem)
+        return False
+    if any(getattr(base.config, "_attn_implementation", None) != old for base, old in zip(bases, before)):
+        logger.info(
+            "attention: attn_implementation=%r (PyTorch's SDPA underneath, as for 'sdpa'), so that shared-prefix "
+            "batches carry no padding through the model (a probe found the log-probs equal)",
+            ATTN_IMPLEMENTATION,
+        )
+    return True
 
 
 def router_aux_loss_coef(model: torch.nn.Module, args: DPOConfig) -> float:
@@ -215,11 +242,10 @@ class DPOTrainer(SafeTrainingMixin, ShardingMixin, trl.DPOTrainer):
                 "group_pairs_by_prompt (or streaming)"
             )
         if self.prefix_sharing:
-            # a model that takes the attention rows apart from its tokens (our GPT-2) gets no padding at all
             data_collator = SharedPrefixPreferenceCollator(
                 ensure_pad_token(tokenizer).pad_token_id,
                 args.max_length,
-                padding_free=isinstance(model, torch.nn.Module) and takes_attention_layout(model),
+                padding_free=isinstance(model, torch.nn.Module) and padding_free_attention(model, ref_model),
             )
             # accelerate's dispatcher (its default for an iterable dataset) would cut every tensor of a batch to the
             # first one's length, which packed rows do not share: each process collates its own batches instead

@@ -27,6 +27,7 @@ from .shared_prefix import SharedPrefixPreferenceCollator
 ATTENTION_LAYER_TYPES = {"full_attention", "attention", "global", "global_attention"}
 RECURRENT_MODEL_TYPES = {"mamba", "mamba2", "falcon_mamba", "rwkv", "recurrent_gemma", "xlstm"}
 PROBE_PAIRS = [(6, 5, 4), (3, 2, 6)]  # (prompt, chosen, rejected) lengths of the probe's two pairs
+PROBED_PADDING_FREE = "_alignment_padding_free"  # set on a transformers model once its padding-free probe passed
 PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # other dtypes: 5e-2
 
 
@@ -122,10 +123,16 @@ def score_batch(model: Any, inputs: dict[str, Any], with_log_sum_sq: bool = Fals
 
 
 def takes_attention_layout(model: torch.nn.Module) -> bool:
-    """Whether the model (under any PEFT wrapper) can be given a padding-free shared-prefix batch: tokens without
-    padding and the rows its attention runs in (`attention_layout`, which our GPT-2's forward takes)."""
+    """Whether the model (under any PEFT wrapper) is given padding-free shared-prefix batches: tokens without
+    padding and the rows its attention runs in (`attention_layout`): our GPT-2, whose forward takes them, and a
+    transformers model that `use_padding_free_attention` put on our kernel after its probe."""
+    from ..modeling.hf_attention import ATTN_IMPLEMENTATION
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "attention_layout" in inspect.signature(base.forward).parameters
+    if "attention_layout" in inspect.signature(base.forward).parameters:
+        return True
+    on_our_kernel = getattr(getattr(base, "config", None), "_attn_implementation", None) == ATTN_IMPLEMENTATION
+    return on_our_kernel and getattr(base, PROBED_PADDING_FREE, False)
 
 
 def trl_layout(pairs: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -163,33 +170,81 @@ def config_problem(config: Any, max_length: int | None) -> str | None:
     return None
 
 
-@torch.no_grad()
-def probe_problem(model: torch.nn.Module) -> str | None:
-    """Score two small random pairs in both layouts; a difference means the model leaks across the replies."""
+def probe_pairs(model: torch.nn.Module) -> list[dict[str, list[int]]]:
+    """Two small random pairs of `PROBE_PAIRS` lengths: packed, the second's row is padded to the first's."""
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
-    pairs = [
+    return [
         {name: torch.randint(0, min(vocab, 1000), (n,), generator=generator).tolist()
          for name, n in zip(("prompt_ids", "chosen_ids", "rejected_ids"), lengths)}
         for lengths in PROBE_PAIRS
     ]  # fmt: skip
+
+
+@torch.no_grad()
+def probe_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ReplyLogps:
+    """The reply log-probs of a probe batch, in eval mode (dropout would make two passes differ for no reason)."""
     device = next(model.parameters()).device
-    layouts = [SharedPrefixPreferenceCollator(pad_token_id=0)(pairs), trl_layout(pairs, pad_token_id=0)]
     was_training = model.training
-    model.eval()  # dropout would make the two passes differ for no reason
+    model.eval()
     try:
-        shared, plain = (
-            score_batch(model, {k: v.to(device) for k, v in batch.items()}).reply_logps() for batch in layouts
-        )
+        return score_batch(model, {k: v.to(device) for k, v in batch.items()}).reply_logps()
     finally:
         model.train(was_training)
-    difference = max(
-        (shared.chosen - plain.chosen).abs().max().item(), (shared.rejected - plain.rejected).abs().max().item()
-    )
+
+
+def probe_difference(model: torch.nn.Module, a: ReplyLogps, b: ReplyLogps) -> float | None:
+    """The largest difference of two probes' log-probs if it is beyond the model dtype's tolerance, else None."""
+    difference = max((a.chosen - b.chosen).abs().max().item(), (a.rejected - b.rejected).abs().max().item())
     dtype = next(model.parameters()).dtype
-    if difference > PROBE_TOLERANCE.get(dtype, 5e-2):
+    return difference if difference > PROBE_TOLERANCE.get(dtype, 5e-2) else None
+
+
+def probe_problem(model: torch.nn.Module) -> str | None:
+    """Score two small random pairs in both layouts; a difference means the model leaks across the replies."""
+    pairs = probe_pairs(model)
+    shared = probe_logps(model, SharedPrefixPreferenceCollator(pad_token_id=0)(pairs))
+    plain = probe_logps(model, trl_layout(pairs, pad_token_id=0))
+    difference = probe_difference(model, shared, plain)
+    if difference is not None:
         return f"a probe pair's reply log-probs differ by {difference:.2g} between the shared-prefix and TRL layouts"
     return None
+
+
+def use_padding_free_attention(model: torch.nn.Module) -> str | None:
+    """Make the model take padding-free shared-prefix batches (`attention_layout`) if it can, exactly; returns why
+    not, or None.
+
+    Our GPT-2 takes them as they are. A transformers model on sdpa (or already on our kernel) is put on our kernel,
+    `attn_implementation="alignment"` (PyTorch's SDPA underneath, as transformers' "sdpa" calls it), and kept there
+    only if a probe pair's log-probs padding-free equal those of the padded rows under its own implementation (its
+    layers must pass their keyword arguments down to the attention function); otherwise it is put back. Not with
+    weights this process does not hold (ZeRO-3, meta tensors), which the probe needs."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from ..modeling.hf_attention import ATTN_IMPLEMENTATION
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if takes_attention_layout(base):
+        return None
+    implementation = getattr(base.config, "_attn_implementation", None)
+    if implementation not in ("sdpa", ATTN_IMPLEMENTATION):
+        return f"attn_implementation={implementation!r} is not ours or sdpa"
+    if is_deepspeed_zero3_enabled() or any(p.is_meta or hasattr(p, "ds_id") for p in base.parameters()):
+        return "its weights are partitioned here, and the probe needs them"
+    pairs = probe_pairs(base)
+    padded = probe_logps(base, SharedPrefixPreferenceCollator(pad_token_id=0)(pairs))
+    try:
+        base.set_attn_implementation(ATTN_IMPLEMENTATION)
+        free = probe_logps(base, SharedPrefixPreferenceCollator(pad_token_id=0, padding_free=True)(pairs))
+        difference = probe_difference(base, free, padded)
+        problem = None if difference is None else f"a probe pair's log-probs differ by {difference:.2g} without padding"
+    except (ValueError, RuntimeError, TypeError) as error:  # a layer that drops the layout: the mask's shape fails
+        problem = f"our kernel cannot run it without padding ({error})".splitlines()[0]
+    if problem is not None:
+        base.set_attn_implementation(implementation)
+    setattr(base, PROBED_PADDING_FREE, problem is None)
+    return problem
 
 
 def prefix_sharing_problem(model: torch.nn.Module, max_length: int | None) -> str | None:
