@@ -150,12 +150,14 @@ class DocumentGroups:
     def from_layout(cls, layout: torch.Tensor, visible: torch.Tensor) -> DocumentGroups:
         """Attention rows laid out by the caller: `layout` (count, length) holds, for each slot, the flat index of the
         token it takes (each token exactly once), or -1 for padding (which should see only itself), and `visible`
-        (count, 1, length, length) their mask (a padding-free preference batch, `SharedPrefixPreferenceCollator`)."""
+        (count, 1, length, length) their boolean mask, ANDed here with causality along each row, as any 4D mask is
+        (a padding-free preference batch, `SharedPrefixPreferenceCollator`)."""
         flat = layout.flatten()
         real = (flat >= 0).nonzero().flatten()
         inverse = torch.empty(real.numel(), dtype=torch.long, device=layout.device)
         inverse[flat[real]] = real
-        return cls(flat.clamp(min=0), inverse, visible)
+        causal = torch.ones(visible.shape[-2:], dtype=torch.bool, device=visible.device).tril()
+        return cls(flat.clamp(min=0), inverse, visible.bool() & causal)
 
     def gather(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, S, ...) per-token values -> (count, length, ...) in the short rows."""

@@ -61,8 +61,7 @@ def attention_in_layout(query, key, value, layout, mask, dropout, scaling) -> to
     (ANDed with causality along each row, as our GPT-2 does) -> (1, N, heads, d)."""
     if mask is None or mask.dim() != 4 or mask.shape[0] != layout.shape[0] or query.size(0) != 1:
         raise ValueError("attention_layout needs one row of tokens and its rows' boolean (rows, 1, L, L) mask")
-    causal = torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
-    rows = DocumentGroups.from_layout(layout, mask & causal)
+    rows = DocumentGroups.from_layout(layout, mask)
     q, k, v = (rows.gather(t.transpose(1, 2)).transpose(1, 2) for t in (query, key, value))  # (R, heads, L, d)
     out = attention(q, k, v, causal=False, mask=rows.visible, dropout_p=dropout, scale=scaling)
     return rows.scatter(out.transpose(1, 2), 1, query.size(2))

@@ -316,8 +316,7 @@ class AlignmentGPT2Model(AlignmentGPT2PreTrainedModel):
             raise ValueError(
                 "attention_layout needs attention_mask as its rows' boolean (rows, 1, L, L) mask and position_ids"
             )
-        causal = torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()  # as for any 4D mask
-        groups = DocumentGroups.from_layout(layout, mask.bool() & causal)
+        groups = DocumentGroups.from_layout(layout, mask)
         if groups.inverse.numel() != inputs_embeds.shape[0] * inputs_embeds.shape[1]:
             raise ValueError(f"attention_layout holds {groups.inverse.numel()} tokens, not {inputs_embeds.shape[:2]}")
         return self.run_blocks(inputs_embeds, position_ids, groups.visible, False, None, groups, output_hidden_states)

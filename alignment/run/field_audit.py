@@ -100,7 +100,7 @@ AUDIT: dict[str, dict[str, str]] = {
         **SHARED_TRL,
         "disable_dropout": "honoured: TRL's DPOTrainer (disable_dropout_in_model)",
         "truncation_mode": "honoured: TRL's DataCollatorForPreference; refused (keep_end) with prefix_sharing",
-        "padding_free": "refused: TRL 1.16's DPOTrainer switches it off; prefix_sharing packs pairs without padding",
+        "padding_free": "refused: TRL 1.16's DPOTrainer switches it off; prefix_sharing gives the model no padding",
         "pad_to_multiple_of": "honoured: TRL's DataCollatorForPreference; refused with prefix_sharing",
         "precompute_ref_log_probs": "honoured: TRL's DPOTrainer → DPOTrainer._precompute_ref_logps",
         "precompute_ref_batch_size": "honoured: TRL's precompute pass; refused without precompute_ref_log_probs",
@@ -222,7 +222,8 @@ REFUSALS: list[Refusal] = [
         for f in ("eos_token", "pad_token", "pad_to_multiple_of")
     ),
     Refusal("DPOConfig", "padding_free", lambda a: a.padding_free,
-            "TRL 1.16's DPOTrainer switches it off; prefix_sharing (the default) already packs pairs without padding"),
+            "TRL 1.16's DPOTrainer switches it off; prefix_sharing (the default) already gives the model no padding "
+            "where it can (our GPT-2, transformers models on sdpa) and says so where it cannot"),
     Refusal("DPOConfig", "truncation_mode", lambda a: a.prefix_sharing and a.truncation_mode != "keep_start",
             "keep_end is not applied with prefix_sharing (pairs keep their start); set prefix_sharing: false"),
     *(
