@@ -8,7 +8,7 @@ It also takes what our GPT-2 takes: tokens without padding, one row (1, N), with
 ``attention_layout`` and their 4D mask as the attention mask (`DocumentGroups.from_layout`). Transformers passes a
 4D mask through unchanged and a model's extra keyword arguments down to its attention function, so a model whose
 layers do (Llama, Qwen, Mistral, …) can be trained on padding-free shared-prefix batches; whether one does is
-checked by a probe (`layouts.padding_free_problem`), not assumed.
+checked by a probe (`layouts.use_padding_free_attention`), not assumed.
 """
 
 from __future__ import annotations
