@@ -96,7 +96,9 @@ def fake_command(folder: Path, name: str, body: str) -> None:
 def test_slurm_example_launches_one_accelerate_per_machine(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fake_command(bin_dir, "scontrol", 'printf "node-a\\nnode-b\\n"\n')
+    # more names than a pipe holds after the two machines: a script reading only the first would kill scontrol with
+    # SIGPIPE, which pipefail turns into a failed job (with `head -n 1` it did, now and then, even with two names)
+    fake_command(bin_dir, "scontrol", 'printf "node-a\\nnode-b\\n"\nseq -f "spare-%g" 20000\n')
     # srun runs its command once per machine, as SLURM would, with that machine's SLURM_NODEID
     fake_command(bin_dir, "srun", 'shift\nfor id in 0 1; do SLURM_NODEID=$id "$@"; done\n')
     fake_command(bin_dir, "accelerate", f'echo "$@" >> {tmp_path}/launches.txt\n')
