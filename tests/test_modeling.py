@@ -143,6 +143,9 @@ def test_tokens_without_padding_attend_in_the_rows_of_their_layout(ours):
     torch.testing.assert_close(free[0], rows[real], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="rows' boolean"):
         ours(ids[real][None], position_ids=positions(mask)[real][None], attention_layout=layout)
+    with pytest.raises(ValueError, match="holds 20 tokens, not the 19 given"):
+        ours(ids[real][None][:, 1:], attention_mask=visible, position_ids=positions(mask)[real][None][:, 1:],
+             attention_layout=layout)  # fmt: skip
     with pytest.raises(ValueError, match="KV cache"):
         ours(ids[real][None], attention_mask=visible, position_ids=positions(mask)[real][None],
              attention_layout=layout, use_cache=True)  # fmt: skip

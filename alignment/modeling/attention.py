@@ -147,13 +147,17 @@ class DocumentGroups:
         return self.visible.size(-1)
 
     @classmethod
-    def from_layout(cls, layout: torch.Tensor, visible: torch.Tensor) -> DocumentGroups:
+    def from_layout(cls, layout: torch.Tensor, visible: torch.Tensor | None, tokens: int) -> DocumentGroups:
         """Attention rows laid out by the caller: `layout` (count, length) holds, for each slot, the flat index of the
-        token it takes (each token exactly once), or -1 for padding (which should see only itself), and `visible`
-        (count, 1, length, length) their boolean mask, ANDed here with causality along each row, as any 4D mask is
-        (a padding-free preference batch, `SharedPrefixPreferenceCollator`)."""
+        token it takes (each of the `tokens` exactly once), or -1 for padding (which should see only itself), and
+        `visible` (count, 1, length, length) their boolean mask, ANDed here with causality along each row, as any 4D
+        mask is (a padding-free preference batch, `SharedPrefixPreferenceCollator`)."""
+        if visible is None or visible.dim() != 4 or visible.shape[0] != layout.shape[0]:
+            raise ValueError("attention_layout needs attention_mask as its rows' boolean (rows, 1, L, L) mask")
         flat = layout.flatten()
         real = (flat >= 0).nonzero().flatten()
+        if real.numel() != tokens:
+            raise ValueError(f"attention_layout holds {real.numel()} tokens, not the {tokens} given")
         inverse = torch.empty(real.numel(), dtype=torch.long, device=layout.device)
         inverse[flat[real]] = real
         causal = torch.ones(visible.shape[-2:], dtype=torch.bool, device=visible.device).tril()

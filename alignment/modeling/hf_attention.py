@@ -59,9 +59,9 @@ def alignment_attention_forward(
 def attention_in_layout(query, key, value, layout, mask, dropout, scaling) -> torch.Tensor:
     """(1, heads, N, d) tokens without padding -> attention in the rows of `layout` under their (R, 1, L, L) `mask`
     (ANDed with causality along each row, as our GPT-2 does) -> (1, N, heads, d)."""
-    if mask is None or mask.dim() != 4 or mask.shape[0] != layout.shape[0] or query.size(0) != 1:
-        raise ValueError("attention_layout needs one row of tokens and its rows' boolean (rows, 1, L, L) mask")
-    rows = DocumentGroups.from_layout(layout, mask)
+    if query.size(0) != 1:
+        raise ValueError(f"attention_layout needs the tokens as one row, not {query.size(0)}")
+    rows = DocumentGroups.from_layout(layout, mask, query.size(2))
     q, k, v = (rows.gather(t.transpose(1, 2)).transpose(1, 2) for t in (query, key, value))  # (R, heads, L, d)
     out = attention(q, k, v, causal=False, mask=rows.visible, dropout_p=dropout, scale=scaling)
     return rows.scatter(out.transpose(1, 2), 1, query.size(2))

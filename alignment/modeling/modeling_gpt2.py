@@ -248,10 +248,11 @@ class AlignmentGPT2Model(AlignmentGPT2PreTrainedModel):
             inputs_embeds = self.wte(input_ids)
         batch, length = inputs_embeds.shape[:2]
         if attention_layout is not None:
-            if use_cache or past_key_values is not None or segment_ids is not None:
-                raise ValueError("attention_layout cannot be combined with a KV cache or segment_ids")
-            return self.forward_in_layout(inputs_embeds, attention_layout, attention_mask, position_ids,
-                                          output_hidden_states)  # fmt: skip
+            if use_cache or past_key_values is not None or segment_ids is not None or position_ids is None:
+                raise ValueError("attention_layout needs position_ids, and no KV cache or segment_ids")
+            groups = DocumentGroups.from_layout(attention_layout, attention_mask, batch * length)
+            return self.run_blocks(inputs_embeds, position_ids, groups.visible, False, None, groups,
+                                   output_hidden_states)  # fmt: skip
 
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
@@ -309,17 +310,6 @@ class AlignmentGPT2Model(AlignmentGPT2PreTrainedModel):
         if not use_cache:
             outputs.past_key_values = None
         return outputs
-
-    def forward_in_layout(self, inputs_embeds, layout, mask, position_ids, output_hidden_states):
-        """Tokens without padding, attending in the rows `layout` lays out under their mask `mask`."""
-        if mask is None or mask.dim() != 4 or mask.shape[0] != layout.shape[0] or position_ids is None:
-            raise ValueError(
-                "attention_layout needs attention_mask as its rows' boolean (rows, 1, L, L) mask and position_ids"
-            )
-        groups = DocumentGroups.from_layout(layout, mask)
-        if groups.inverse.numel() != inputs_embeds.shape[0] * inputs_embeds.shape[1]:
-            raise ValueError(f"attention_layout holds {groups.inverse.numel()} tokens, not {inputs_embeds.shape[:2]}")
-        return self.run_blocks(inputs_embeds, position_ids, groups.visible, False, None, groups, output_hidden_states)
 
     def run_blocks(
         self, inputs_embeds, position_ids, visible, causal_only, past_key_values, groups, output_hidden_states
